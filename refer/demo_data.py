@@ -1,0 +1,605 @@
+"""Generate a small demo dataset in exactly the RRSIS-D layout and formats.
+
+    python -m refer.demo_data --out DIR [--images N] [--seed S] [--size PX] [--overwrite]
+
+writes
+    DIR/rrsisd/refs(unc).p          one ref per image, one sentence, ref_id = ann_id = image_id
+    DIR/rrsisd/instances.json       polygon segmentation, bbox, area, `categories_id` (as RRSIS-D)
+    DIR/images/rrsisd/JPEGImages/NNNNN.jpg
+
+Scenes look like overhead imagery: textured ground, a few roads, and 2-5 objects of the 20 RRSIS-D
+classes, each class drawn with its own shape and colours. The language is real: expressions of the
+target's class are taken from the RRSIS-D refs (`../shared/rrsisd/refs(unc).p`) when they read
+"<article> <adjectives> <class> on/in/at the <position>", and the target is placed where the
+position says ("upper left", "right", "middle", "bottom", ...). Most images hold another instance
+of the target's class elsewhere, so the class name alone (a weak expression) is ambiguous and only
+the full expression singles the target out. Size words ("large", "tiny", ...) are honoured too.
+Without the shared refs, template expressions of the same form are used instead.
+"""
+import argparse
+import json
+import os
+import pickle
+import re
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from utils import InputError, run_cli
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_RRSISD = REPO_ROOT.parent / 'shared' / 'rrsisd'
+
+# RRSIS-D classes; the index is the category id and the name is the weak expression.
+RRSISD_CATEGORIES = [
+    'Expressway-Service-area', 'Expressway-toll-station', 'airplane', 'airport', 'baseballfield',
+    'basketballcourt', 'bridge', 'chimney', 'dam', 'golffield', 'groundtrackfield', 'harbor',
+    'overpass', 'ship', 'stadium', 'storagetank', 'tenniscourt', 'trainstation', 'vehicle', 'windmill',
+]
+# How RRSIS-D expressions spell each class (used only for the template fallback).
+CLASS_WORDS = [
+    'expressway service area', 'expressway toll station', 'airplane', 'airport', 'baseball field',
+    'basketball court', 'bridge', 'chimney', 'dam', 'golf field', 'ground track field', 'harbor',
+    'overpass', 'ship', 'stadium', 'storage tank', 'tennis court', 'train station', 'vehicle', 'windmill',
+]
+RRSISD_SPLIT_SIZES = (('train', 12181), ('val', 1740), ('test', 3481))
+GRID = 3  # positions are read on a 3 x 3 grid of the image
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading positions and sizes from expressions
+
+
+class Region(NamedTuple):
+    rows: frozenset  # grid rows the target may occupy (0 = top)
+    cols: frozenset  # grid cols (0 = left)
+
+    def contains(self, x, y, size):
+        """Whether pixel (x, y) of a size x size image lies in the region."""
+        cell = size / GRID
+        return int(min(y // cell, GRID - 1)) in self.rows and int(min(x // cell, GRID - 1)) in self.cols
+
+
+_POSITION_RE = re.compile(
+    r'^(?:the|a|an) (?P<noun>[a-z ]+?) (?:on|in|at) the '
+    r'(?:(?P<v>upper|lower|top|bottom) )?(?P<h>left|right|middle|center|centre|top|bottom)$')
+_RELATIONAL = re.compile(r'\b(?:is|of|than|to|near|next|between|above|below|with)\b')
+_ROW = {'upper': 0, 'top': 0, 'lower': 2, 'bottom': 2}
+_COL = {'left': 0, 'right': 2}
+_ALL = frozenset(range(GRID))
+
+
+def parse_position(expression):
+    """Region named by an expression of the form "<article> <adjectives> <class> on/in/at the <pos>",
+    or None when the expression has another form (relations to other objects, no position, ...)."""
+    m = _POSITION_RE.match(' '.join(expression.lower().split()))
+    if m is None or _RELATIONAL.search(m.group('noun')):
+        return None
+    v, h = m.group('v'), m.group('h')
+    if h in _ROW:  # "at the bottom", "on the top"
+        if v is not None:
+            return None
+        v, h = h, None
+    middle = h in ('middle', 'center', 'centre')
+    rows = frozenset([_ROW[v]]) if v else (frozenset([1]) if middle else _ALL)
+    cols = frozenset([_COL[h]]) if h in _COL else (frozenset([1]) if middle else _ALL)
+    return Region(rows, cols)
+
+
+def parse_size(expression):
+    words = set(expression.lower().split())
+    if words & {'large', 'huge', 'big', 'larger', 'bigger'}:
+        return 'large'
+    if words & {'small', 'tiny', 'little', 'smaller'}:
+        return 'small'
+    return None
+
+
+def positional_expressions(refs):
+    """{category_id: [raw expressions whose position can be read]} in refs order."""
+    by_class = {}
+    for ref in refs:
+        for sent in ref['sentences']:
+            if parse_position(sent['raw']) is not None:
+                by_class.setdefault(ref['category_id'], []).append(sent['raw'])
+    return by_class
+
+
+def group_by_region(expressions):
+    """Expressions grouped by the region they name, groups in order of first appearance."""
+    groups = {}
+    for expression in expressions:
+        groups.setdefault(parse_position(expression), []).append(expression)
+    return list(groups.values())
+
+
+def template_expressions():
+    phrases = ['on the upper left', 'on the upper right', 'on the lower left', 'on the lower right',
+               'on the left', 'on the right', 'on the top', 'at the bottom', 'in the middle']
+    return {c: [f'{article} {size}{words} {phrase}' for article in ('The', 'A')
+                for size in ('', 'large ', 'small ') for phrase in phrases]
+            for c, words in enumerate(CLASS_WORDS)}
+
+
+def load_categories(path):
+    """[{'id', 'name'}] from a categories.json (a list of such dicts, as the shared file)."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise InputError(f"categories file '{path}' not found")
+    with open(path) as f:
+        cats = json.load(f)
+    if not isinstance(cats, list) or not all(isinstance(c, dict) and {'id', 'name'} <= set(c) for c in cats):
+        raise InputError(f"categories file '{path}' must hold a list of {{id, name}} dicts")
+    return cats
+
+
+# ------------------------------------------------------------------------------------------------
+# Annotations for refs that have none (tests and benchmarks on the real refs)
+
+
+def synthesize_instances(refs, categories, category_key='categories_id', image_size=800, seed=0):
+    """An instances.json dict for refs without annotations: one image per image_id and, per ref,
+    a random quadrilateral polygon under `category_key` (RRSIS-D: 'categories_id')."""
+    rng = np.random.default_rng(seed)
+    images, annotations = {}, []
+    corners = rng.uniform(0.05, 0.45, size=(len(refs), 4)) * image_size  # left, top, width, height
+    for ref, (x, y, w, h) in zip(refs, corners.tolist()):
+        images.setdefault(ref['image_id'], {'id': ref['image_id'], 'file_name': ref['file_name'],
+                                            'height': image_size, 'width': image_size})
+        polygon = [x, y, x + w, y, x + w, y + h, x, y + h]
+        annotations.append({'id': ref['ann_id'], 'image_id': ref['image_id'],
+                            category_key: ref['category_id'], 'segmentation': [_round(polygon)],
+                            'bbox': _round([x, y, w, h]), 'area': round(w * h, 2), 'iscrowd': 0})
+    return {'images': list(images.values()), 'annotations': annotations,
+            'categories': [{'id': c['id'], 'name': c['name']} for c in categories]}
+
+
+def _round(values):
+    return [round(float(v), 2) for v in values]
+
+
+# ------------------------------------------------------------------------------------------------
+# Drawing: each class is a function (canvas, centre, radius, angle, rng) -> outline polygon [K, 2].
+# Shapes are given in unit coordinates (within radius 1) and placed by `_place`.
+
+
+def _place(points, cx, cy, r, angle):
+    points = np.asarray(points, dtype=np.float64) * r
+    c, s = np.cos(angle), np.sin(angle)
+    return points @ np.array([[c, s], [-s, c]]) + (cx, cy)
+
+
+def _fill(img, poly, color):
+    cv2.fillPoly(img, [np.round(poly).astype(np.int32)], color, lineType=cv2.LINE_AA)
+
+
+def _line(img, p, q, color, thickness=1):
+    cv2.line(img, tuple(int(round(v)) for v in p), tuple(int(round(v)) for v in q), color, thickness,
+             lineType=cv2.LINE_AA)
+
+
+def _ellipse(a, b, n=28):
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.stack([a * np.cos(t), b * np.sin(t)], 1)
+
+
+def _rect(w, h):
+    return np.array([[-w, -h], [w, -h], [w, h], [-w, h]]) / 2
+
+
+def _jitter(rng, color, amount=18):
+    return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in color)
+
+
+def _water(img, cx, cy, r, angle, rng):
+    _fill(img, _place(_ellipse(1.15, 0.8), cx, cy, r, angle), _jitter(rng, (48, 78, 98), 10))
+
+
+def draw_service_area(img, cx, cy, r, a, rng):
+    poly = _place(_rect(1.5, 1.1), cx, cy, r, a)
+    _fill(img, poly, _jitter(rng, (150, 150, 145)))
+    _fill(img, _place(_rect(0.5, 0.35) + (-0.4, -0.2), cx, cy, r, a), _jitter(rng, (90, 80, 75)))
+    for i in range(4):  # parked cars
+        for j in range(3):
+            dot = _place([[0.1 + 0.15 * i, 0.05 + 0.14 * j]], cx, cy, r, a)[0]
+            cv2.circle(img, (int(dot[0]), int(dot[1])), max(1, int(r * 0.04)),
+                       tuple(int(v) for v in rng.integers(40, 255, 3)), -1)
+    return poly
+
+
+def draw_toll_station(img, cx, cy, r, a, rng):
+    poly = _place(_rect(1.7, 0.6), cx, cy, r, a)
+    _fill(img, poly, _jitter(rng, (70, 70, 75)))
+    for x in np.linspace(-0.65, 0.65, 6):
+        _line(img, *_place([[x, -0.25], [x, 0.25]], cx, cy, r, a), (235, 235, 235), max(1, int(r * 0.06)))
+    _line(img, *_place([[-0.85, 0], [0.85, 0]], cx, cy, r, a), (200, 60, 50), max(1, int(r * 0.05)))
+    return poly
+
+
+def draw_airplane(img, cx, cy, r, a, rng):
+    shape = [[-.08, -1], [.08, -1], [.08, -.25], [.9, .05], [.9, .2], [.08, .1], [.08, .7], [.35, .9],
+             [.35, 1], [-.35, 1], [-.35, .9], [-.08, .7], [-.08, .1], [-.9, .2], [-.9, .05], [-.08, -.25]]
+    _fill(img, _place(shape, cx + r * 0.08, cy + r * 0.08, r, a), (60, 60, 60))  # shadow
+    poly = _place(shape, cx, cy, r, a)
+    _fill(img, poly, _jitter(rng, (238, 238, 240), 10))
+    return poly
+
+
+def draw_airport(img, cx, cy, r, a, rng):
+    poly = _place(_rect(1.9, 0.9), cx, cy, r, a)
+    _fill(img, poly, _jitter(rng, (165, 165, 160)))
+    _fill(img, _place(_rect(1.8, 0.22), cx, cy, r, a), (55, 55, 58))  # runway
+    for x in np.linspace(-0.7, 0.7, 5):
+        _line(img, *_place([[x - 0.06, 0], [x + 0.06, 0]], cx, cy, r, a), (250, 250, 250), 1)
+    return poly
+
+
+def draw_baseball_field(img, cx, cy, r, a, rng):
+    t = np.linspace(0, np.pi / 2, 14)
+    fan = np.concatenate([[[0, 0]], np.stack([np.cos(t), np.sin(t)], 1) * 1.3]) - (0.45, 0.45)
+    poly = _place(fan, cx, cy, r, a)
+    _fill(img, poly, _jitter(rng, (70, 140, 60)))
+    diamond = np.array([[0, 0], [0.55, 0], [0.55, 0.55], [0, 0.55]]) - (0.4, 0.4)
+    _fill(img, _place(diamond, cx, cy, r, a), _jitter(rng, (190, 140, 90)))
+    return poly
+
+
+def draw_basketball_court(img, cx, cy, r, a, rng):
+    poly = _place(_rect(1.5, 0.85), cx, cy, r, a)
+    _fill(img, poly, _jitter(rng, (60, 110, 185) if rng.random() < 0.5 else (205, 120, 60)))
+    _line(img, *_place([[0, -0.42], [0, 0.42]], cx, cy, r, a), (245, 245, 245), 1)
+    centre = _place([[0, 0]], cx, cy, r, a)[0]
+    cv2.circle(img, (int(centre[0]), int(centre[1])), max(1, int(r * 0.18)), (245, 245, 245), 1)
+    return poly
+
+
+def draw_bridge(img, cx, cy, r, a, rng):
+    _fill(img, _place(_rect(0.9, 2.0), cx, cy, r, a), _jitter(rng, (48, 78, 98), 10))  # river
+    poly = _place(_rect(1.95, 0.32), cx, cy, r, a)
+    _fill(img, poly, _jitter(rng, (205, 195, 170)))
+    for y in (-0.16, 0.16):
+        _line(img, *_place([[-0.97, y], [0.97, y]], cx, cy, r, a), (110, 105, 95), 1)
+    return poly
+
+
+def draw_chimney(img, cx, cy, r, a, rng):
+    _line(img, (cx, cy), _place([[1.0, 0.3]], cx, cy, r, 0)[0], (35, 35, 35), max(1, int(r * 0.12)))  # shadow
+    poly = _place(_ellipse(0.28, 0.28, 16), cx, cy, r, 0)
+    _fill(img, poly, _jitter(rng, (120, 60, 50)))
+    cv2.circle(img, (int(cx), int(cy)), max(1, int(r * 0.12)), (25, 25, 25), -1)
+    return poly
+
+
+def draw_dam(img, cx, cy, r, a, rng):
+    _fill(img, _place(_rect(2.0, 1.0) + (0, -0.5), cx, cy, r, a), _jitter(rng, (45, 80, 105), 10))  # reservoir
+    poly = _place([[-1, -0.1], [1, -0.1], [0.9, 0.25], [-0.9, 0.25]], cx, cy, r, a)
+    _fill(img, poly, _jitter(rng, (200, 200, 195)))
+    return poly
+
+
+def draw_golf_field(img, cx, cy, r, a, rng):
+    t = np.linspace(0, 2 * np.pi, 20, endpoint=False)
+    radius = 0.95 * (1 + 0.15 * np.sin(3 * t + rng.uniform(0, 6))) / 1.15
+    poly = _place(np.stack([radius * np.cos(t), radius * np.sin(t)], 1), cx, cy, r, a)
+    _fill(img, poly, _jitter(rng, (120, 185, 90)))
+    for _ in range(3):  # bunkers and greens
+        p = _place([rng.uniform(-0.4, 0.4, 2)], cx, cy, r, a)[0]
+        color = (225, 215, 160) if rng.random() < 0.5 else (60, 130, 55)
+        cv2.circle(img, (int(p[0]), int(p[1])), max(1, int(r * 0.1)), color, -1)
+    return poly
+
+
+def _stadium_shape(w, h, n=10):
+    t = np.linspace(-np.pi / 2, np.pi / 2, n)
+    right = np.stack([w / 2 - h / 2 + h / 2 * np.cos(t), h / 2 * np.sin(t)], 1)
+    return np.concatenate([right, -right])
+
+
+def draw_track_field(img, cx, cy, r, a, rng):
+    poly = _place(_stadium_shape(1.9, 1.1), cx, cy, r, a)
+    _fill(img, poly, _jitter(rng, (175, 80, 60)))
+    _fill(img, _place(_stadium_shape(1.5, 0.7), cx, cy, r, a), _jitter(rng, (80, 150, 70)))
+    return poly
+
+
+def draw_harbor(img, cx, cy, r, a, rng):
+    _water(img, cx, cy, r, a, rng)
+    comb = [[-0.95, -0.6], [0.95, -0.6], [0.95, -0.35], [0.75, -0.35], [0.75, 0.6], [0.55, 0.6],
+            [0.55, -0.35], [0.1, -0.35], [0.1, 0.6], [-0.1, 0.6], [-0.1, -0.35], [-0.55, -0.35],
+            [-0.55, 0.6], [-0.75, 0.6], [-0.75, -0.35], [-0.95, -0.35]]
+    poly = _place(comb, cx, cy, r, a)
+    _fill(img, poly, _jitter(rng, (215, 210, 200)))
+    return poly
+
+
+def draw_overpass(img, cx, cy, r, a, rng):
+    w = 0.16
+    cross = [[-w, -1], [w, -1], [w, -w], [1, -w], [1, w], [w, w], [w, 1], [-w, 1], [-w, w], [-1, w],
+             [-1, -w], [-w, -w]]
+    poly = _place(cross, cx, cy, r, a + np.pi / 4)
+    _fill(img, poly, _jitter(rng, (175, 172, 165)))
+    _line(img, *_place([[-0.95, 0], [0.95, 0]], cx, cy, r, a + np.pi / 4), (240, 220, 90), 1)
+    return poly
+
+
+def draw_ship(img, cx, cy, r, a, rng):
+    _water(img, cx, cy, r, a + np.pi / 2, rng)
+    hull = [[0, -1], [0.2, -0.55], [0.2, 0.9], [-0.2, 0.9], [-0.2, -0.55]]
+    poly = _place(hull, cx, cy, r, a)
+    _fill(img, poly, _jitter(rng, (235, 235, 230), 10))
+    _fill(img, _place(_rect(0.22, 0.35) + (0, 0.4), cx, cy, r, a), _jitter(rng, (190, 90, 60)))
+    return poly
+
+
+def draw_stadium(img, cx, cy, r, a, rng):
+    poly = _place(_ellipse(1.0, 0.8), cx, cy, r, a)
+    _fill(img, poly, _jitter(rng, (215, 215, 220)))
+    _fill(img, _place(_ellipse(0.6, 0.42), cx, cy, r, a), _jitter(rng, (50, 155, 65)))
+    return poly
+
+
+def draw_storage_tank(img, cx, cy, r, a, rng):
+    cv2.circle(img, (int(cx + r * 0.12), int(cy + r * 0.12)), int(r * 0.6), (55, 55, 55), -1)  # shadow
+    poly = _place(_ellipse(0.6, 0.6), cx, cy, r, 0)
+    _fill(img, poly, _jitter(rng, (232, 232, 225), 10))
+    cv2.circle(img, (int(cx), int(cy)), max(1, int(r * 0.38)), (120, 120, 120), 1, lineType=cv2.LINE_AA)
+    return poly
+
+
+def draw_tennis_court(img, cx, cy, r, a, rng):
+    poly = _place(_rect(1.5, 0.8), cx, cy, r, a)
+    _fill(img, poly, _jitter(rng, (50, 125, 80)))
+    inner = _place(_rect(1.2, 0.55), cx, cy, r, a)
+    cv2.polylines(img, [np.round(inner).astype(np.int32)], True, (245, 245, 245), 1)
+    _line(img, *_place([[0, -0.28], [0, 0.28]], cx, cy, r, a), (245, 245, 245), 1)
+    return poly
+
+
+def draw_train_station(img, cx, cy, r, a, rng):
+    poly = _place(_rect(1.95, 0.7), cx, cy, r, a)
+    _fill(img, poly, _jitter(rng, (85, 95, 130)))
+    for y in np.linspace(-0.22, 0.22, 4):  # tracks under the roofs
+        _line(img, *_place([[-0.95, y], [0.95, y]], cx, cy, r, a), (45, 40, 40), 1)
+    return poly
+
+
+def draw_vehicle(img, cx, cy, r, a, rng):
+    poly = _place(_rect(0.9, 0.45), cx, cy, r, a)
+    palette = [(220, 30, 30), (240, 240, 240), (30, 30, 30), (40, 80, 200), (230, 200, 40), (150, 150, 150)]
+    _fill(img, poly, palette[rng.integers(len(palette))])
+    _fill(img, _place(_rect(0.3, 0.35), cx, cy, r, a), (25, 35, 45))  # windscreen
+    return poly
+
+
+def draw_windmill(img, cx, cy, r, a, rng):
+    spokes = a + np.array([0, 2, 4]) * np.pi / 3
+    points = []
+    for t in spokes:
+        for d, rad in ((-0.45, 0.12), (0, 1.0), (0.45, 0.12)):
+            points.append([rad * np.cos(t + d * (rad < 1)), rad * np.sin(t + d * (rad < 1))])
+    shape = np.array(points)
+    _fill(img, _place(shape, cx + r * 0.15, cy + r * 0.1, r, 0), (70, 70, 70))  # shadow
+    poly = _place(shape, cx, cy, r, 0)
+    _fill(img, poly, _jitter(rng, (245, 245, 245), 8))
+    return poly
+
+
+DRAWERS = [draw_service_area, draw_toll_station, draw_airplane, draw_airport, draw_baseball_field,
+           draw_basketball_court, draw_bridge, draw_chimney, draw_dam, draw_golf_field, draw_track_field,
+           draw_harbor, draw_overpass, draw_ship, draw_stadium, draw_storage_tank, draw_tennis_court,
+           draw_train_station, draw_vehicle, draw_windmill]
+# relative size of each class inside its grid cell (vehicles and chimneys are small)
+CLASS_SCALE = np.array([1.0, 0.9, 0.9, 1.0, 1.0, 0.8, 1.0, 0.6, 1.0, 1.0, 1.0, 1.0,
+                        1.0, 0.8, 1.0, 0.75, 0.8, 1.0, 0.55, 0.9])
+
+
+def draw_ground(size, rng):
+    """Textured ground: a base tone, low-frequency blotches, a gradient, grain and a few roads."""
+    base = np.array([(120, 110, 85), (105, 120, 80), (135, 125, 105), (110, 105, 100)][rng.integers(4)], float)
+    # blotches mostly vary brightness; a little tint keeps it from looking flat
+    blotches = rng.normal(0, 1, (5, 5, 1)) + 0.25 * rng.normal(0, 1, (5, 5, 3))
+    blotches = cv2.resize(blotches, (size, size), interpolation=cv2.INTER_CUBIC)
+    ramp = np.linspace(-1, 1, size)
+    gx, gy = rng.normal(0, 1, 2)
+    gradient = (gx * ramp[None, :] + gy * ramp[:, None])[..., None]
+    img = base + 14 * blotches + 8 * gradient + rng.normal(0, 5, (size, size, 3))
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    for _ in range(rng.integers(0, 3)):
+        p, q = rng.uniform(0, size, (2, 2))
+        cv2.line(img, tuple(int(v) for v in p), tuple(int(v) for v in q), _jitter(rng, (95, 95, 95), 10),
+                 max(1, size // 48), lineType=cv2.LINE_AA)
+    return img
+
+
+def draw_object(img, category_id, cell, size, scale, rng):
+    """Draw one object inside grid cell (row, col); returns its outline polygon [K, 2]."""
+    cell_px = size / GRID
+    r = 0.45 * cell_px * scale * CLASS_SCALE[category_id]
+    row, col = cell
+    cx = (col + 0.5) * cell_px + rng.uniform(-1, 1) * max(0.0, 0.5 * cell_px - r)
+    cy = (row + 0.5) * cell_px + rng.uniform(-1, 1) * max(0.0, 0.5 * cell_px - r)
+    poly = DRAWERS[category_id](img, cx, cy, r, rng.uniform(0, np.pi), rng)
+    return np.clip(poly, 0, size - 1)
+
+
+class SceneObject(NamedTuple):
+    category_id: int
+    cell: tuple  # (row, col) on the 3 x 3 grid
+    polygon: np.ndarray  # [K, 2] outline in pixels
+
+
+def render_scene(category_id, expression, size, rng):
+    """(image [S, S, 3] uint8 RGB, objects); objects[-1] is the target, placed where the expression
+    says; other instances of its class (usually one or two) sit outside that region."""
+    region = parse_position(expression)
+    if region is None:
+        raise ValueError(f'expression without a readable position: {expression!r}')
+    cells = [(r, c) for r in range(GRID) for c in range(GRID)]
+    inside = [cell for cell in cells if cell[0] in region.rows and cell[1] in region.cols]
+    outside = [cell for cell in cells if cell not in inside]
+    target_cell = inside[rng.integers(len(inside))]
+
+    size_word = parse_size(expression)
+    target_scale = {'large': 1.0, 'small': 0.55}.get(size_word, rng.uniform(0.75, 1.0))
+    twin_scale = {'large': 0.55, 'small': 1.0}.get(size_word)
+
+    n_objects = int(rng.integers(2, 6))
+    n_twins = 0 if rng.random() < 0.15 else int(rng.integers(1, 3))  # more of the target's class
+    n_twins = min(n_twins, n_objects - 1, len(outside))
+    twin_cells = [outside[i] for i in rng.permutation(len(outside))[:n_twins]]
+    free = [cell for cell in cells if cell != target_cell and cell not in twin_cells]
+    other_cells = [free[i] for i in rng.permutation(len(free))[:n_objects - 1 - n_twins]]
+    others = [c for c in range(len(RRSISD_CATEGORIES)) if c != category_id]
+
+    img = draw_ground(size, rng)
+    objects = []
+    for cell in other_cells:
+        other = others[rng.integers(len(others))]
+        objects.append(SceneObject(other, cell, draw_object(img, other, cell, size, rng.uniform(0.7, 1.0), rng)))
+    for cell in twin_cells:
+        scale = twin_scale or rng.uniform(0.75, 1.0)
+        objects.append(SceneObject(category_id, cell, draw_object(img, category_id, cell, size, scale, rng)))
+    objects.append(SceneObject(category_id, target_cell,
+                               draw_object(img, category_id, target_cell, size, target_scale, rng)))
+    return img, objects
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+
+
+@contextmanager
+def atomic_output_dir(out, overwrite=False):
+    """Yield a fresh temp dir next to `out`; on success it replaces `out` in one rename.
+    An existing non-empty `out` is refused unless `overwrite`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output '{out}' exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"output directory '{out}' is not empty (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like a mkdir
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f'.{out.name}.old-', dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def split_names(n):
+    """Split of each of n refs in RRSIS-D's proportions (train / val / test)."""
+    total = sum(count for _, count in RRSISD_SPLIT_SIZES)
+    n_train = round(n * RRSISD_SPLIT_SIZES[0][1] / total)
+    n_val = round(n * RRSISD_SPLIT_SIZES[1][1] / total)
+    return ['train'] * n_train + ['val'] * n_val + ['test'] * (n - n_train - n_val)
+
+
+def load_expressions(path=None):
+    """{category_id: [positional expressions]} from a refs file; the shared RRSIS-D refs by default,
+    templates when no path is given and the shared file is absent."""
+    from refer.refer import load_refs
+
+    if path is None:
+        path = SHARED_RRSISD / 'refs(unc).p'
+        if not path.is_file():
+            print(f'demo_data: {path} not found; using template expressions', file=sys.stderr)
+            return template_expressions()
+    by_class = positional_expressions(load_refs(str(path)))
+    missing = [RRSISD_CATEGORIES[c] for c in range(len(RRSISD_CATEGORIES)) if not by_class.get(c)]
+    if missing:
+        raise InputError(f"refs file '{path}' has no positional expressions for {', '.join(missing)}")
+    return by_class
+
+
+def generate(out, images=300, seed=0, size=128, overwrite=False, expressions=None):
+    """Write the demo dataset to `out` (see module doc); returns a summary dict."""
+    if images < 1:
+        raise InputError(f'--images must be at least 1, got {images}')
+    if size < 3 * GRID * 4:
+        raise InputError(f'--size must be at least {3 * GRID * 4} px, got {size}')
+    with atomic_output_dir(out, overwrite) as tmp:  # refuses a non-empty `out` before any work
+        by_class_region = {c: group_by_region(exprs) for c, exprs in load_expressions(expressions).items()}
+        rng = np.random.default_rng(seed)
+        n_classes = len(RRSISD_CATEGORIES)
+        classes = rng.permutation(np.arange(images) % n_classes)  # every class, balanced
+        splits = [split_names(images)[i] for i in rng.permutation(images)]
+
+        image_dir = tmp / 'images' / 'rrsisd' / 'JPEGImages'
+        image_dir.mkdir(parents=True)
+        refs, anns, imgs = [], [], []
+        for i, (category_id, split) in enumerate(zip(classes.tolist(), splits)):
+            idx = i + 1  # ref_id = ann_id = image_id = sent_id, as in RRSIS-D
+            # pick a position first, then an expression: real expressions say "in the middle"
+            # far more often than anything else, and the demo should exercise every position
+            by_region = by_class_region[category_id]
+            candidates = by_region[rng.integers(len(by_region))]
+            expression = candidates[rng.integers(len(candidates))]
+            img, objects = render_scene(category_id, expression, size, rng)
+            polygon = objects[-1].polygon  # the target
+            file_name = f'{idx:05d}.jpg'
+            cv2.imwrite(str(image_dir / file_name), img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
+
+            flat = _round(polygon.reshape(-1))
+            rle = mask_utils.merge(mask_utils.frPyObjects([flat], size, size))
+            imgs.append({'id': idx, 'file_name': file_name, 'height': size, 'width': size})
+            anns.append({'id': idx, 'image_id': idx, 'categories_id': category_id, 'segmentation': [flat],
+                         'bbox': [round(float(v), 2) for v in mask_utils.toBbox(rle)],
+                         'area': int(mask_utils.area(rle)), 'iscrowd': 0})
+            refs.append({'image_id': idx, 'split': split, 'file_name': file_name, 'category_id': category_id,
+                         'ann_id': idx, 'ref_id': idx, 'sent_ids': [idx],
+                         'sentences': [{'tokens': expression.split(), 'raw': expression, 'sent_id': idx,
+                                        'sent': expression}]})
+
+        data_dir = tmp / 'rrsisd'
+        data_dir.mkdir()
+        with open(data_dir / 'refs(unc).p', 'wb') as f:
+            pickle.dump(refs, f, protocol=4)
+        categories = [{'id': c, 'name': name} for c, name in enumerate(RRSISD_CATEGORIES)]
+        with open(data_dir / 'instances.json', 'w') as f:
+            json.dump({'images': imgs, 'annotations': anns, 'categories': categories}, f)
+    return {'images': images, 'size': size, 'splits': {s: splits.count(s) for s in ('train', 'val', 'test')}}
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(prog='python -m refer.demo_data',
+                                     description='Generate a small demo dataset in the RRSIS-D layout.')
+    parser.add_argument('--out', required=True, help='output data root (use it as --refer_data_root)')
+    parser.add_argument('--images', type=int, default=300, help='number of images (= refs)')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--size', type=int, default=128, help='image side in pixels')
+    parser.add_argument('--expressions', default=None,
+                        help='refs file to take expressions from (default: ../shared/rrsisd/refs(unc).p)')
+    parser.add_argument('--overwrite', action='store_true', help='replace a non-empty --out')
+    return parser
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    tic = time.time()
+    summary = generate(args.out, images=args.images, seed=args.seed, size=args.size,
+                       overwrite=args.overwrite, expressions=args.expressions)
+    splits = ', '.join(f'{k} {v}' for k, v in summary['splits'].items())
+    print(f"demo_data: wrote {summary['images']} images ({summary['size']} px; {splits}) "
+          f'to {args.out} in {time.time() - tic:.1f}s')
+
+
+if __name__ == '__main__':
+    run_cli(main)

@@ -1,0 +1,65 @@
+"""Session fixtures shared by the whole test suite.
+
+shared_dir        Path of ../shared (the real RRSIS-D refs); tests using it skip when it is absent.
+rrsisd_refs_root  data root holding the real 17,402 refs + a synthesized instances.json (no images).
+demo_root         a small generated demo data root (40 images, 64 px), RRSIS-D layout.
+small_bert_dir    a small BERT (tokenizer + random weights) built on the demo expressions.
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_ROOT.parent / 'shared'
+SHARED_REFS = SHARED_DIR / 'rrsisd' / 'refs(unc).p'
+
+
+@pytest.fixture(scope='session')
+def shared_dir():
+    if not SHARED_REFS.is_file():
+        pytest.skip(f'shared data not found at {SHARED_DIR}')
+    return SHARED_DIR
+
+
+def write_refs_root(root, refs_file, instances):
+    """Lay out <root>/rrsisd/{refs(unc).p, instances.json}; the refs file is linked, not copied."""
+    data_dir = Path(root) / 'rrsisd'
+    data_dir.mkdir(parents=True, exist_ok=True)
+    link = data_dir / 'refs(unc).p'
+    if not link.exists():
+        os.symlink(refs_file, link)
+    with open(data_dir / 'instances.json', 'w') as f:
+        json.dump(instances, f)
+    return Path(root)
+
+
+@pytest.fixture(scope='session')
+def rrsisd_refs_root(shared_dir, tmp_path_factory):
+    from refer.demo_data import load_categories, synthesize_instances
+    from refer.refer import load_refs
+
+    refs = load_refs(str(SHARED_REFS))
+    categories = load_categories(shared_dir / 'rrsisd' / 'categories.json')
+    instances = synthesize_instances(refs, categories, category_key='categories_id')
+    return write_refs_root(tmp_path_factory.mktemp('rrsisd_refs'), SHARED_REFS, instances)
+
+
+@pytest.fixture(scope='session')
+def demo_root(tmp_path_factory):
+    from refer.demo_data import generate
+
+    root = tmp_path_factory.mktemp('demo') / 'data'
+    generate(root, images=40, size=64, seed=0)
+    return root
+
+
+@pytest.fixture(scope='session')
+def small_bert_dir(demo_root, tmp_path_factory):
+    from bert.build_small import build_small_bert, collect_expressions
+
+    out = tmp_path_factory.mktemp('small_bert') / 'bert'
+    build_small_bert(collect_expressions(demo_root, 'rrsisd', 'unc'), out,
+                     hidden_size=32, num_hidden_layers=10, num_attention_heads=2, seed=0)
+    return out
