@@ -1,0 +1,377 @@
+"""One prepared GPU session: build the deformable-attention kernels, check them against the PyTorch path,
+time both, and time a training step of the full model. Finishes in a few minutes.
+
+    python bench/gpu_check.py                  # on a GPU machine; writes $OUT/gpu_check.json if OUT is set
+    python bench/gpu_check.py --cpu-smoke      # tiny sizes on CPU: exercises every section's code path
+
+Every figure is printed as one line `gpu_check: <section> <name>: <value>`; every section runs in its own
+try/except, so one failure is printed and the rest still runs.
+"""
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+import utils  # noqa: E402
+
+PREFIX = 'gpu_check:'
+
+
+def log(line):
+    print(f'{PREFIX} {line}', flush=True)
+
+
+class Report:
+    """Collects figures (nested dicts) and section errors; runs sections without letting one stop the rest."""
+
+    def __init__(self, time_budget_s):
+        self.figures = {'errors': {}, 'skipped': {}}
+        self.start = time.perf_counter()
+        self.time_budget_s = time_budget_s
+
+    def elapsed(self):
+        return time.perf_counter() - self.start
+
+    def over_budget(self):
+        return self.elapsed() > self.time_budget_s
+
+    def run(self, name, fn, *args, **kwargs):
+        if self.over_budget():
+            self.skip(name, f'time budget of {self.time_budget_s:.0f} s used up')
+            return None
+        section_start = time.perf_counter()
+        try:
+            result = fn(*args, **kwargs)
+            if result is not None:
+                self.figures[name] = result
+            return result
+        except Exception as e:  # keep going: every later section may still give figures
+            self.figures['errors'][name] = f'{type(e).__name__}: {e}'
+            log(f'{name} FAILED: {type(e).__name__}: {e}')
+            traceback.print_exc(limit=4)
+            return None
+        finally:
+            log(f'{name} section_seconds: {time.perf_counter() - section_start:.1f}')
+
+    def skip(self, name, why):
+        self.figures['skipped'][name] = why
+        log(f'{name} skipped: {why}')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sections
+
+def environment():
+    info = {'torch': torch.__version__, 'torch_cuda': torch.version.cuda, 'python': sys.version.split()[0],
+            'cuda_available': torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, capability='%d.%d' % (props.major, props.minor),
+                    gpu_memory_gib=round(props.total_memory / 2 ** 30, 1))
+    for key, value in info.items():
+        log(f'env {key}: {value}')
+    return info
+
+
+def build_extension(build_dir):
+    import ops
+    major, minor = torch.cuda.get_device_capability(0)
+    arch = f'{major}.{minor}'
+    start = time.perf_counter()
+    module = ops.load_extension(verbose=False, build_dir=build_dir, arch_list=arch)
+    seconds = time.perf_counter() - start
+    # make the dispatcher use this build
+    from ops.functions import extension
+    extension._cache.update(module=module, tried=True)
+    log(f'build arch: {arch}')
+    log(f'build compile_seconds: {seconds:.1f}')
+    log(f'build module: {module.__file__}')
+    return {'arch': arch, 'compile_seconds': round(seconds, 1), 'module': module.__file__}
+
+
+def _max_abs(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def compare_backends(name, shapes, batch, n_heads, head_dim, n_points, num_queries=None, outside=False,
+                     im2col_step=64, dtype=torch.float32, reference_dtype=None, device='cuda', tolerance=1e-4,
+                     kernel_backend='cuda'):
+    """Kernel vs PyTorch path: max |difference| of the output and of the three gradients.
+
+    The PyTorch path runs in reference_dtype (default: dtype). PASS when every max difference is below
+    tolerance times the largest reference magnitude of that tensor.
+    """
+    import bench_msda
+    import ops
+    inputs = bench_msda.make_inputs(shapes, batch, n_heads * head_dim, n_heads, n_points, num_queries,
+                                    device=device, dtype=torch.float64, seed=1)
+    value, spatial_shapes, level_start_index, locations, weights = inputs
+    if outside:  # stretch around the centre: many samples partly or wholly outside [0, 1]
+        locations = (locations - 0.5) * 1.8 + 0.5
+    grad = torch.randn(batch, locations.shape[1], n_heads * head_dim, device=device, dtype=torch.float64)
+
+    def run(backend, run_dtype):
+        # both backends see the same values: rounded to dtype first, then carried in run_dtype
+        leaves = [t.to(dtype).to(run_dtype).detach().requires_grad_() for t in (value, locations, weights)]
+        out = ops.ms_deform_attn(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2], im2col_step,
+                                 backend=backend)
+        out.backward(grad.to(dtype).to(run_dtype))
+        return [out.detach()] + [t.grad for t in leaves]
+
+    kernel = run(kernel_backend, dtype)
+    reference = run('pytorch', reference_dtype or dtype)
+    result = {'dtype': str(dtype).replace('torch.', ''),
+              'reference_dtype': str(reference_dtype or dtype).replace('torch.', ''),
+              'shapes': shapes, 'batch': batch, 'heads': n_heads, 'head_dim': head_dim, 'points': n_points,
+              'queries': locations.shape[1], 'im2col_step': im2col_step}
+    passed = True
+    for key, k, r in zip(('output', 'grad_value', 'grad_sampling_locations', 'grad_attention_weights'),
+                         kernel, reference):
+        diff = _max_abs(k, r)
+        scale = r.double().abs().max().item() or 1.0
+        over = int(((k.double() - r.double()).abs() > tolerance * scale).sum().item())
+        result[f'max_abs_diff_{key}'] = diff
+        result[f'max_abs_{key}'] = scale
+        result[f'num_over_tolerance_{key}'] = over
+        # d(output)/d(location) jumps where a sample crosses a pixel edge: the two backends round the pixel
+        # coordinate differently (x*W-0.5 vs grid_sample's ((2x-1+1)*W-1)/2), so a handful may differ
+        allowed = max(2, int(1e-5 * r.numel())) if key == 'grad_sampling_locations' else 0
+        passed &= over <= allowed
+    result['pass'] = bool(passed)
+    log(f'check {name} [{result["dtype"]} vs pytorch {result["reference_dtype"]}]: '
+        + ' '.join(f'{key}={result["max_abs_diff_" + key]:.3e}(of {result["max_abs_" + key]:.2e}, '
+                   f'{result["num_over_tolerance_" + key]} over)'
+                   for key in ('output', 'grad_value', 'grad_sampling_locations', 'grad_attention_weights'))
+        + f' -> {"PASS" if passed else "FAIL"}')
+    return result
+
+
+def correctness_checks(smoke, device='cuda'):
+    """Kernel vs PyTorch path on several cases. On CPU (--cpu-smoke) both sides are the PyTorch path: that
+    only exercises this code."""
+    size = 64 if smoke else 480
+    pyramid = [(size // s, size // s) for s in (4, 8, 16, 32)]
+    results = {}
+    cases = {
+        # realistic: the 480-px encoder case, every token a query
+        'realistic': dict(shapes=pyramid, batch=2, n_heads=8, head_dim=32, n_points=4),
+        # corners: 1x1 and non-square levels, locations outside, D=48 (atomic reduction path),
+        # im2col_step that does not divide the batch
+        'corner': dict(shapes=[(7, 5), (1, 1), (3, 11)], batch=3, n_heads=3, head_dim=48, n_points=3,
+                       num_queries=50, outside=True, im2col_step=2),
+        'corner_d64': dict(shapes=[(9, 9), (4, 4)], batch=2, n_heads=2, head_dim=64, n_points=2, num_queries=40,
+                           outside=True),
+        'corner_d8_one_level': dict(shapes=[(6, 13)], batch=1, n_heads=4, head_dim=8, n_points=5, num_queries=33,
+                                    outside=True),
+        'float64': dict(shapes=[(7, 5), (1, 1), (3, 11)], batch=2, n_heads=2, head_dim=16, n_points=2,
+                        num_queries=30, outside=True, dtype=torch.float64, tolerance=1e-10),
+        'bfloat16': dict(shapes=pyramid, batch=2, n_heads=8, head_dim=32, n_points=4, num_queries=2000,
+                         dtype=torch.bfloat16, reference_dtype=torch.float32, tolerance=5e-2),
+        'float16': dict(shapes=pyramid, batch=2, n_heads=8, head_dim=32, n_points=4, num_queries=2000,
+                        dtype=torch.float16, reference_dtype=torch.float32, tolerance=1e-2),
+    }
+    failures = []
+    for name, case in cases.items():
+        try:
+            results[name] = compare_backends(name, device=device, kernel_backend='cuda' if device == 'cuda'
+                                             else 'pytorch', **case)
+            if not results[name]['pass']:
+                failures.append(name)
+        except Exception as e:
+            results[name] = {'error': f'{type(e).__name__}: {e}'}
+            failures.append(name)
+            log(f'check {name} FAILED: {type(e).__name__}: {e}')
+            traceback.print_exc(limit=4)
+    results['all_pass'] = not failures
+    log(f'check all_pass: {not failures}' + (f' (failed: {", ".join(failures)})' if failures else ''))
+    return results
+
+
+def speed(smoke, device):
+    import bench_msda
+    figures = {}
+    for dtype in (torch.float32, torch.bfloat16) if device == 'cuda' else (torch.float32,):
+        key = str(dtype).replace('torch.', '')
+        figures[key] = bench_msda.run_speed_comparison(
+            img_size=64 if smoke else 480, batch=2, device=device, dtype=dtype,
+            warmup=1 if smoke else 3, repeats=2 if smoke else 20, log=lambda line: log(line.replace(': ', ' ', 1)))
+    return figures
+
+
+def _train_case(device, cross_scale, precision, batch, img_size, swin_type, steps, warmup, text_dim=768,
+                num_tokens=20, force_pytorch_msda=False):
+    from lib.segmentation import lavt
+    import torch.nn.functional as F
+    parser = utils.get_parser()
+    args = parser.parse_args(['--swin_type', swin_type, '--img_size', str(img_size), '--pretrained_swin_weights', '',
+                              '--cross_scale', cross_scale, '--window12'])
+    torch.manual_seed(0)
+    model = lavt('', args, text_dim=text_dim).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=1e-2)
+    images = torch.randn(batch, 3, img_size, img_size, device=device)
+    l_feats = torch.randn(batch, text_dim, num_tokens, device=device)                 # [B, C_text, N]
+    l_mask = torch.zeros(batch, num_tokens, 1, device=device)
+    l_mask[:, :8] = 1                                                                  # [B, N, 1]
+    target = torch.randint(0, 2, (batch, img_size, img_size), device=device)
+    use_autocast = precision == 'bf16'
+    saved_env = os.environ.get('LRB_MSDA_FORCE_PYTORCH')
+    if force_pytorch_msda:
+        os.environ['LRB_MSDA_FORCE_PYTORCH'] = '1'
+
+    def step():
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=use_autocast):
+            logits = model(images, l_feats, l_mask)
+            loss = F.cross_entropy(logits.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    try:
+        is_cuda = torch.device(device).type == 'cuda'
+        for _ in range(warmup):
+            step()
+        if is_cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        loss.item()  # synchronises
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if is_cuda else None
+        return {'it_per_s': steps / seconds, 'images_per_s': steps * batch / seconds, 'peak_memory_gib': peak,
+                'batch': batch, 'steps': steps, 'loss': loss.item()}
+    finally:
+        if force_pytorch_msda:
+            if saved_env is None:
+                os.environ.pop('LRB_MSDA_FORCE_PYTORCH', None)
+            else:
+                os.environ['LRB_MSDA_FORCE_PYTORCH'] = saved_env
+
+
+def training(report, smoke, device):
+    """Training-step speed of lavt (Swin-B, 480 px) for each cross-scale module and precision."""
+    try:
+        import lib.segmentation  # noqa: F401
+    except Exception as e:
+        report.skip('train', f'lib.segmentation not importable ({type(e).__name__}: {e})')
+        return None
+    img_size, swin_type = (64, 'nano') if smoke else (480, 'base')
+    steps, warmup = (1, 1) if smoke else (10, 3)
+    batches = (2,) if smoke else (8, 2)
+    configs = [('faithful', 'fp32', False), ('msda', 'fp32', False), ('faithful', 'bf16', False),
+               ('msda', 'bf16', False), ('msda', 'bf16', True)]
+    figures = {}
+    for cross_scale, precision, force_pytorch in configs:
+        name = f'{cross_scale}{"_pytorch_path" if force_pytorch else ""}_{precision}'
+        if report.over_budget():
+            report.skip(f'train {name}', 'time budget used up')
+            continue
+        for batch in batches:
+            out_of_memory = False
+            try:
+                result = _train_case(device, cross_scale, precision, batch, img_size, swin_type, steps, warmup,
+                                     force_pytorch_msda=force_pytorch)
+            except torch.cuda.OutOfMemoryError:
+                out_of_memory = True
+            except Exception as e:
+                figures[name] = {'error': f'{type(e).__name__}: {e}'}
+                log(f'train {name} FAILED: {type(e).__name__}: {e}')
+                traceback.print_exc(limit=4)
+                break
+            if out_of_memory:  # outside the except block, so the failed step's tensors are free
+                log(f'train {name} batch {batch}: out of memory, trying a smaller batch')
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
+            figures[name] = result
+            log(f'train {name} swin-{swin_type} {img_size}px batch {batch}: {result["it_per_s"]:.2f} it/s, '
+                f'{result["images_per_s"]:.1f} img/s, peak memory '
+                + (f'{result["peak_memory_gib"]:.2f} GiB' if result['peak_memory_gib'] is not None else 'n/a (CPU)'))
+            break
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return figures
+
+
+def write_json(figures, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile('w', dir=path.parent, delete=False, suffix='.tmp') as f:
+        json.dump(figures, f, indent=2, default=str)
+    os.replace(f.name, path)
+    log(f'json written: {path}')
+
+
+def get_args_parser():
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--cpu-smoke', action='store_true',
+                        help='tiny sizes; runs on CPU (kernel sections are skipped without CUDA)')
+    parser.add_argument('--json', default='', help='where to write all figures (default: $OUT/gpu_check.json)')
+    parser.add_argument('--build-dir', default='', help='JIT build folder (default: a fresh temporary folder)')
+    parser.add_argument('--skip-train', action='store_true', help='skip the training-step benchmark')
+    parser.add_argument('--time-budget', type=float, default=270.0,
+                        help='seconds after which remaining sections are skipped')
+    return parser
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    if args.time_budget <= 0:
+        raise utils.InputError('--time-budget must be positive')
+    json_path = args.json or (os.path.join(os.environ['OUT'], 'gpu_check.json') if os.environ.get('OUT') else '')
+    bench_dir = str(Path(__file__).resolve().parent)
+    if bench_dir not in sys.path:
+        sys.path.insert(0, bench_dir)
+
+    report = Report(args.time_budget)
+    report.figures['mode'] = 'cpu-smoke' if args.cpu_smoke else 'gpu'
+    report.run('env', environment)
+    has_cuda = torch.cuda.is_available()
+    if not has_cuda and not args.cpu_smoke:
+        log('no CUDA device: nothing to check on the GPU (use --cpu-smoke for a CPU dry run)')
+    device = 'cuda' if has_cuda else 'cpu'
+
+    if has_cuda:
+        build_dir = args.build_dir or tempfile.mkdtemp(prefix='msda_build_')
+        built = report.run('build', build_extension, build_dir)
+        if built:
+            report.run('check', correctness_checks, args.cpu_smoke, 'cuda')
+        else:
+            report.skip('check', 'the extension did not build')
+    else:
+        report.skip('build', 'no CUDA device')
+        if args.cpu_smoke:
+            report.run('check', correctness_checks, True, 'cpu')
+        else:
+            report.skip('check', 'no CUDA device')
+
+    if has_cuda or args.cpu_smoke:
+        report.run('speed', speed, args.cpu_smoke, device)
+        if args.skip_train:
+            report.skip('train', '--skip-train')
+        else:
+            report.run('train', training, report, args.cpu_smoke, device)
+
+    report.figures['total_seconds'] = round(report.elapsed(), 1)
+    log(f'total_seconds: {report.elapsed():.1f}')
+    if report.figures['errors']:
+        log(f'errors in: {", ".join(report.figures["errors"])}')
+    if json_path:
+        write_json(report.figures, json_path)
+
+
+if __name__ == '__main__':
+    utils.run_cli(main)
