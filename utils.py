@@ -87,4 +87,17 @@ def get_parser():
                         help='black out 20-60 random 32-px boxes on a fixed 20%% of training samples '
                              '(as the reference)')
     parser.add_argument('--amp', action='store_true', help='bf16 autocast on GPU')
+    parser.add_argument('--stop_after', default=0, type=int,
+                        help='train.py: stop after this many epochs in this run (0: run to --epochs); '
+                             'continue later with --resume, e.g. under a job time limit')
+    parser.add_argument('--trust_checkpoint', action='store_true',
+                        help='allow arbitrary pickled objects in --resume (only for files you trust)')
+    parser.add_argument('--weights_key', default='auto',
+                        choices=['auto', 'model', 'student_model', 'teacher_model'],
+                        help="test.py: checkpoint entry with the model weights (auto: 'model', else "
+                             "'student_model')")
+    parser.add_argument('--results_json', default='',
+                        help='test.py: metrics file (default: next to the checkpoint)')
+    parser.add_argument('--vis_dir', default='', help='test.py: save PNG overlays of predictions here')
+    parser.add_argument('--vis_num', default=20, type=int, help='test.py: how many samples --vis_dir shows')
     return parser

@@ -1,0 +1,90 @@
+"""Evaluate a checkpoint on a split, as the original README:
+
+    python test.py --swin_type base --dataset rrsisd --resume CKPT --split test --workers 4 --window12 --img_size 480
+
+Loads checkpoints of train.py ('model'), of stage 3 ('student_model') and of the original code (with or
+without DDP `module.` prefixes; for --model lavt also 'bert_model'). Prints overall IoU, mean IoU and
+precision@0.5..0.9 over every sentence of the split and writes them to a JSON file. Under torchrun
+each process evaluates its share of the split; the reduced numbers are the same as with one process.
+"""
+import json
+import logging
+import os
+
+import utils
+from lib import distributed, engine
+from lib.metrics import format_results
+
+logger = logging.getLogger('lrb')
+
+
+def results_path(args):
+    if args.results_json:
+        return args.results_json
+    stem = os.path.splitext(os.path.abspath(args.resume))[0]
+    return f'{stem}_{args.dataset}_{args.split}_metrics.json'
+
+
+def write_json_atomic(data, path):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
+    with open(tmp, 'w') as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = utils.get_parser().parse_args(argv)
+    env = distributed.init_distributed(args.device)
+    try:
+        return run(args, env)
+    finally:
+        distributed.cleanup_distributed()
+
+
+def run(args, env):
+    distributed.setup_logging(env.rank)
+    if not args.resume:
+        raise utils.InputError('--resume: give the checkpoint to test')
+    if args.vis_num < 0:
+        raise utils.InputError(f'--vis_num {args.vis_num}: must be >= 0')
+    checkpoint = engine.load_checkpoint(args.resume, trust=args.trust_checkpoint)
+
+    from bert.encoder import load_tokenizer
+    from refer.dataset import build_dataset
+    tokenizer = load_tokenizer(args.bert_tokenizer)
+    dataset = build_dataset(args, args.split, tokenizer, eval_mode=True)
+    loader = engine.build_eval_loader(dataset, distributed.per_process_workers(args.workers, env.world_size),
+                                      args.pin_mem, args.split)
+
+    model, bert = engine.build_model(args, pretrained='')
+    key = engine.load_model_and_bert(checkpoint, model, bert, key=args.weights_key, source=args.resume)
+    del checkpoint
+    model.to(env.device).eval()
+    if bert is not None:
+        bert.to(env.device).eval()
+    logger.info(f"{args.resume} ('{key}'): {args.split} split, {len(dataset)} refs, "
+                f'{env.world_size} process(es) on {env.device}')
+
+    vis = engine.OverlayWriter(args.vis_dir, args.vis_num, tokenizer) if args.vis_dir else None
+    meter = engine.evaluate(engine.predict_fn(model, bert, args.amp), loader, env.device, desc='Test',
+                            on_prediction=vis)
+    summary = meter.summary()
+    if env.is_main:
+        print(format_results(summary), flush=True)
+        out = results_path(args)
+        write_json_atomic({'checkpoint': os.path.abspath(args.resume), 'weights_key': key,
+                           'dataset': args.dataset, 'split': args.split, 'model': args.model,
+                           'swin_type': args.swin_type, 'img_size': args.img_size,
+                           'processes': env.world_size, **summary,
+                           'sentences': [{'index': k[0], 'sentence': k[1], 'I': i, 'U': u}
+                                         for k, i, u in meter.records]}, out)
+        logger.info(f'metrics written to {out}')
+        if vis is not None:
+            logger.info(f'overlays written to {args.vis_dir}')
+    return summary
+
+
+if __name__ == '__main__':
+    utils.run_cli(main)
