@@ -32,7 +32,6 @@ import pickle
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from pathlib import Path
 if __package__ in (None, ''):  # run as a script from anywhere: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from utils import InputError, run_cli
+from utils import InputError, atomic_output_dir, run_cli
 
 VIEWS = ('all', 'no-mask', 'mask')
 CATEGORY_KEYS = ('category_id', 'categories_id')  # RRSIS-D instances use `categories_id`
@@ -317,34 +316,9 @@ def link_or_copy(src, dst):
         shutil.copyfile(src, dst)
 
 
-def publish(tmp_dir, out_dir):
-    """Move the finished temp dir to OUT; an existing OUT is swapped out, then removed."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp makes it 0700
-    if not out_dir.exists():
-        os.rename(tmp_dir, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.old-', dir=out_dir.parent))
-    os.rmdir(old)
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp_dir, out_dir)
-    except OSError:
-        os.rename(old, out_dir)
-        raise
-    if old.is_symlink():  # OUT was a link to a folder: drop the link, keep what it pointed to
-        old.unlink()
-    else:
-        shutil.rmtree(old)
-
-
-def check_output_dir(out_dir, overwrite, sources):
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f'--output_dir: {out_dir} exists and is not a directory')
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise InputError(f'--output_dir: {out_dir} already holds files (pass --overwrite to replace it)')
+def refuse_replacing_inputs(out_dir, overwrite, sources):
+    """--overwrite replaces OUT whole: never when an input lives inside it."""
+    if overwrite and out_dir.is_dir():
         for src in sources:
             if src is not None and src.resolve().is_relative_to(out_dir.resolve()):
                 raise InputError(f'--output_dir: {out_dir} holds the input {src}; refusing to replace it')
@@ -417,26 +391,15 @@ def main(argv=None):
     instances_path = Path(args.instances) if args.instances else root / args.dataset / 'instances.json'
     images_dir = root / 'images' / args.dataset
     out_dir = Path(args.output_dir).absolute()
-    check_output_dir(out_dir, args.overwrite, [refs_path, instances_path, images_dir])
-
-    inputs = load_inputs(refs_path, instances_path, images_dir)
+    refuse_replacing_inputs(out_dir, args.overwrite, [refs_path, instances_path, images_dir])
+    inputs = load_inputs(refs_path, instances_path, images_dir)  # input errors before anything is created
     plans = plan_splits(inputs, ratios, args.seed)
-
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.tmp-', dir=out_dir.parent))
-    except OSError as e:
-        raise InputError(f'--output_dir: cannot write in {out_dir.parent} ({e.strerror})') from None
-    try:
+    with atomic_output_dir(out_dir, args.overwrite, flag='--output_dir') as tmp_dir:
         encode = InstancesEncoder(inputs.instances)
         for plan in plans:
             write_ratio(tmp_dir, inputs, plan, args.dataset, args.splitBy, encode)
         (tmp_dir / 'summary.json').write_text(
             json.dumps(summary_record(inputs, plans, args, refs_path, instances_path), indent=1))
-        publish(tmp_dir, out_dir)
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir)
 
     for plan in plans:
         print(f'ratio {ratio_tag(plan.ratio)} %: {len(plan.masked_ann_ids)} of '

@@ -26,12 +26,8 @@ def results_path(args):
 
 
 def write_json_atomic(data, path):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
-    with open(tmp, 'w') as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    with utils.atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2))
 
 
 def main(argv=None):

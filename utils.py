@@ -5,7 +5,12 @@ commands of the original README run unchanged. Flags that are new in this codeba
 grouped at the end of `get_parser()`.
 """
 import argparse
+import contextlib
+import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 
 class InputError(Exception):
@@ -20,6 +25,65 @@ def run_cli(main, argv=None):
         prog = sys.argv[0].rsplit('/', 1)[-1] or 'lrb-wrel'
         print(f'{prog}: error: {e}', file=sys.stderr)
         sys.exit(2)
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on failure removed.
+    Readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}{path.suffix}')
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _check_output_dir(out, overwrite, flag):
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{flag} {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{flag} {out}: is not empty (pass --overwrite to replace it)")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out, overwrite=False, flag='--out'):
+    """Yield a fresh temporary folder beside `out`; on success it replaces `out` in one rename.
+
+    A non-empty `out` is refused (one-line InputError naming `flag`) unless `overwrite`; then the old
+    folder is swapped out and removed only after the new one is in place. On failure nothing changes.
+    """
+    out = Path(out).absolute()
+    _check_output_dir(out, overwrite, flag)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
+    except OSError as e:
+        raise InputError(f'{flag} {out}: cannot write in {out.parent} ({e.strerror})') from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like a mkdir
+    try:
+        yield tmp
+        if not out.exists() and not out.is_symlink():
+            os.replace(tmp, out)
+            return
+        old = out.with_name(f'.{out.name}.old-{os.getpid()}')
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            os.replace(old, out)
+            raise
+        if old.is_symlink():  # `out` was a link to a folder: drop the link, keep what it pointed to
+            old.unlink()
+        else:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def get_parser():

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lib import distributed
 from lib.metrics import RefSegMeter, tensor_keys
-from utils import InputError
+from utils import InputError, atomic_file
 
 logger = logging.getLogger('lrb')
 
@@ -331,29 +331,15 @@ _BENIGN_KEY_SUFFIXES = ('num_batches_tracked', 'position_ids', 'token_type_ids',
 
 def save_checkpoint(state, path):
     """torch.save to a temporary file in the same folder, then rename (rank 0 only)."""
-    if not distributed.is_main_process():
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if distributed.is_main_process():
+        with atomic_file(path) as tmp:
+            torch.save(state, tmp)
 
 
 def copy_atomic(src, dst):
-    if not distributed.is_main_process():
-        return
-    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f'.{os.path.basename(dst)}.tmp{os.getpid()}')
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if distributed.is_main_process():
+        with atomic_file(dst) as tmp:
+            shutil.copyfile(src, tmp)
 
 
 def load_checkpoint(path, trust=False, flag='--resume'):
@@ -606,6 +592,5 @@ def save_overlay(path, image, target, pred, text, min_side=256):
         draw.text((k * w + 4, 4), caption, fill=(255, 255, 0))
     for k, line in enumerate(lines):
         draw.text((4, h + 4 + 16 * k), line, fill=(0, 0, 0))
-    tmp = f'{path}.tmp{os.getpid()}.png'
-    panel.save(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        panel.save(tmp, format='PNG')

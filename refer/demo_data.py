@@ -21,11 +21,8 @@ import json
 import os
 import pickle
 import re
-import shutil
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,7 +30,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from utils import InputError, run_cli
+from utils import InputError, atomic_output_dir, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_RRSISD = REPO_ROOT.parent / 'shared' / 'rrsisd'
@@ -474,34 +471,6 @@ def render_scene(category_id, expression, size, rng):
 
 # ------------------------------------------------------------------------------------------------
 # Writing
-
-
-@contextmanager
-def atomic_output_dir(out, overwrite=False):
-    """Yield a fresh temp dir next to `out`; on success it replaces `out` in one rename.
-    An existing non-empty `out` is refused unless `overwrite`."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output '{out}' exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"output directory '{out}' is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like a mkdir
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f'.{out.name}.old-', dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def split_names(n):
