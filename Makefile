@@ -20,11 +20,11 @@ test: setup
 demo: setup
 	$(PY) -m refer.demo_data --out $(DEMO)/data --images 300 --size 64 --seed 0 --overwrite
 	$(PY) -m bert.build_small --refer_data_root $(DEMO)/data --dataset rrsisd --out $(DEMO)/bert --overwrite
-	@echo "demo: training the nano RMSIN from scratch on CPU (10 short epochs, a few minutes)"
+	@echo "demo: training the nano RMSIN from scratch on CPU (25 short epochs, about 4 minutes)"
 	@# one thread: the nano model's tensors are too small for more threads to pay off on a busy CPU
 	OMP_NUM_THREADS=1 $(PY) train.py --device cpu --dataset rrsisd --refer_data_root $(DEMO)/data \
 		--bert_tokenizer $(DEMO)/bert --ck_bert $(DEMO)/bert --swin_type nano --img_size 64 \
-		--pretrained_swin_weights '' --epochs 10 --batch-size 8 --lr 1e-3 --workers 0 \
+		--pretrained_swin_weights '' --epochs 25 --batch-size 8 --lr 1e-3 --workers 0 \
 		--output-dir $(DEMO)/checkpoints --model_id demo --print-freq 10
 	OMP_NUM_THREADS=1 $(PY) test.py --device cpu --dataset rrsisd --refer_data_root $(DEMO)/data \
 		--bert_tokenizer $(DEMO)/bert --ck_bert $(DEMO)/bert --swin_type nano --img_size 64 --workers 0 \

@@ -7,6 +7,7 @@ The text width is `load_text_config(...).hidden_size` (768 for bert-base-uncased
 import os
 
 from transformers import BertConfig, BertModel, BertTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from utils import InputError
 
@@ -22,10 +23,15 @@ def _not_found(name_or_dir, reason=''):
 
 def _load(loader, name_or_dir, **kwargs):
     name_or_dir = os.fspath(name_or_dir)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar on every load is noise in logs
     try:
         return loader(name_or_dir, **kwargs)
     except (OSError, ValueError) as e:  # missing files, unreachable hub, invalid repo id
         raise _not_found(name_or_dir, f' ({str(e).splitlines()[0]})') from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(name_or_dir):
