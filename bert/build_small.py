@@ -47,6 +47,14 @@ def train_wordpiece(expressions, vocab_size=2000):
     return tokenizer
 
 
+def write_vocab(wordpiece, path):
+    """vocab.txt in a fixed order (special tokens, then sorted): the trainer numbers its alphabet in
+    hash order, so the same expressions would otherwise give different token ids run to run."""
+    tokens = sorted(set(wordpiece.get_vocab()) - set(SPECIAL_TOKENS))
+    with open(path, 'w', encoding='utf-8') as f:
+        f.write('\n'.join(SPECIAL_TOKENS + tokens) + '\n')
+
+
 def build_small_bert(expressions, out_dir, hidden_size=64, num_hidden_layers=10, num_attention_heads=4,
                      intermediate_size=None, vocab_size=2000, max_position_embeddings=512, seed=0,
                      overwrite=False):
@@ -56,9 +64,8 @@ def build_small_bert(expressions, out_dir, hidden_size=64, num_hidden_layers=10,
     if hidden_size % num_attention_heads:
         raise InputError(f'hidden size {hidden_size} is not a multiple of {num_attention_heads} heads')
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        wordpiece = train_wordpiece(expressions, vocab_size)
-        wordpiece.save_model(str(tmp))  # vocab.txt
         vocab_file = os.path.join(tmp, 'vocab.txt')
+        write_vocab(train_wordpiece(expressions, vocab_size), vocab_file)
         tokenizer = BertTokenizerFast(vocab=vocab_file, do_lower_case=True)
         assert tokenizer.pad_token_id == 0
         os.remove(vocab_file)

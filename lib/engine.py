@@ -393,7 +393,7 @@ def load_weights(module, state_dict, source='checkpoint', what='model'):
     problem = check_state_dict(module, state_dict)
     if problem:
         raise InputError(f"{source}: '{what}' does not fit this architecture: {problem} "
-                         f"(check --model, --swin_type, --window12, --mha, --cross_scale, --ck_bert)")
+                         f"(check --model, --swin_type, --img_size, --window12, --mha, --cross_scale, --ck_bert)")
     own = module.state_dict()
     module.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
 

@@ -60,6 +60,17 @@ def test_build_small_is_seeded_and_refuses_existing_out(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['a', 'b']  # no temp dirs left behind
 
 
+def test_build_small_vocabulary_is_the_same_in_every_process(tmp_path):
+    # the WordPiece trainer numbers its alphabet in (per-process) hash order; ids must not depend on it
+    code = ('import sys; from bert.build_small import build_small_bert; from bert.encoder import load_tokenizer; '
+            'build_small_bert(["a vehicle on the left", "the ship in the middle", "storagetank"], sys.argv[1], '
+            'hidden_size=16, num_hidden_layers=1, num_attention_heads=2); '
+            'print(sorted(load_tokenizer(sys.argv[1]).get_vocab().items(), key=lambda kv: kv[1]))')
+    vocabs = [subprocess.run([sys.executable, '-c', code, str(tmp_path / name)], cwd=REPO_ROOT, check=True,
+                             capture_output=True, text=True).stdout for name in ('a', 'b')]
+    assert vocabs[0] == vocabs[1] and '##' in vocabs[0]
+
+
 @pytest.mark.parametrize('loader', [load_tokenizer, load_bert, load_text_config])
 def test_missing_local_dir(tmp_path, loader):
     with pytest.raises(InputError, match=r"cannot load BERT from '.*nowhere'.*download bert-base-uncased"):
