@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lib import distributed
 from lib.metrics import RefSegMeter, tensor_keys
+from lib.pretrained import strip_prefix
 from utils import InputError, atomic_file
 
 logger = logging.getLogger('lrb')
@@ -362,11 +363,6 @@ def load_checkpoint(path, trust=False, flag='--resume'):
     except (RuntimeError, EOFError, OSError) as e:
         raise InputError(f'{flag} {path}: not a readable torch checkpoint ({type(e).__name__}: '
                          f'{str(e).splitlines()[0] if str(e) else ""})') from None
-
-
-def strip_prefix(state_dict, prefix='module.'):
-    """Remove a DDP `module.` prefix from every key that has it."""
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
 
 
 def check_state_dict(module, state_dict):

@@ -25,7 +25,7 @@ def _read(path, flag):
                                f'{str(e).splitlines()[0] if str(e) else ""})') from None
 
 
-def strip_prefix(state_dict, prefix):
+def strip_prefix(state_dict, prefix='module.'):
     """Drop `prefix` from every key that has it (e.g. DDP's `module.`)."""
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
 
