@@ -64,8 +64,9 @@ def synthetic_batch(batch, size, vocab):
             'input_ids': torch.randint(1, vocab, (batch, 20), generator=g) * mask, 'attention_mask': mask}
 
 
-def main(argv=None):
-    args = get_args(argv)
+def measure(args):
+    """Time the real engine step (loss, parameter groups, optimizer, schedule) on one synthetic batch.
+    -> {'it_per_s', 'samples_per_s', 'ms_per_it', 'peak_memory_mib', 'peak_memory_kind', 'device_name'}"""
     env = distributed.init_distributed(args.device)
     distributed.seed_everything(args.seed)
     device = env.device
@@ -93,14 +94,23 @@ def main(argv=None):
     run(args.iters)
     elapsed = time.perf_counter() - start
     if device.type == 'cuda':
-        peak = f'{torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MiB GPU (max allocated)'
+        peak, kind = torch.cuda.max_memory_allocated() / 2 ** 20, 'GPU (max allocated)'
+        name = torch.cuda.get_device_name(device)
     else:
-        peak = f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB RSS (process max)'
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU x{torch.get_num_threads()} threads'
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'RSS (process max)'
+        name = f'CPU x{torch.get_num_threads()} threads'
+    return {'it_per_s': args.iters / elapsed, 'samples_per_s': args.iters * args.batch_size / elapsed,
+            'ms_per_it': 1000 * elapsed / args.iters, 'peak_memory_mib': peak, 'peak_memory_kind': kind,
+            'device_name': name}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    r = measure(args)
     print(f'model {args.model} swin {args.swin_type} img {args.img_size} batch {args.batch_size} '
-          f'amp {args.amp} on {name}')
-    print(f'{args.iters / elapsed:.3f} it/s  {args.iters * args.batch_size / elapsed:.2f} samples/s  '
-          f'{1000 * elapsed / args.iters:.1f} ms/it  peak memory {peak}')
+          f'amp {args.amp} on {r["device_name"]}')
+    print(f'{r["it_per_s"]:.3f} it/s  {r["samples_per_s"]:.2f} samples/s  {r["ms_per_it"]:.1f} ms/it  '
+          f'peak memory {r["peak_memory_mib"]:.0f} MiB {r["peak_memory_kind"]}')
 
 
 if __name__ == '__main__':

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import traceback
+from unittest import mock
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,56 +209,22 @@ def speed(smoke, device):
     return figures
 
 
-def _train_case(device, cross_scale, precision, batch, img_size, swin_type, steps, warmup, text_dim=768,
-                num_tokens=20, force_pytorch_msda=False):
-    from lib.segmentation import lavt
-    import torch.nn.functional as F
-    parser = utils.get_parser()
-    args = parser.parse_args(['--swin_type', swin_type, '--img_size', str(img_size), '--pretrained_swin_weights', '',
-                              '--cross_scale', cross_scale, '--window12'])
-    torch.manual_seed(0)
-    model = lavt('', args, text_dim=text_dim).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=1e-2)
-    images = torch.randn(batch, 3, img_size, img_size, device=device)
-    l_feats = torch.randn(batch, text_dim, num_tokens, device=device)                 # [B, C_text, N]
-    l_mask = torch.zeros(batch, num_tokens, 1, device=device)
-    l_mask[:, :8] = 1                                                                  # [B, N, 1]
-    target = torch.randint(0, 2, (batch, img_size, img_size), device=device)
-    use_autocast = precision == 'bf16'
-    saved_env = os.environ.get('LRB_MSDA_FORCE_PYTORCH')
-    if force_pytorch_msda:
-        os.environ['LRB_MSDA_FORCE_PYTORCH'] = '1'
-
-    def step():
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=use_autocast):
-            logits = model(images, l_feats, l_mask)
-            loss = F.cross_entropy(logits.float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss
-
-    try:
-        is_cuda = torch.device(device).type == 'cuda'
-        for _ in range(warmup):
-            step()
-        if is_cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(steps):
-            loss = step()
-        loss.item()  # synchronises
-        seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if is_cuda else None
-        return {'it_per_s': steps / seconds, 'images_per_s': steps * batch / seconds, 'peak_memory_gib': peak,
-                'batch': batch, 'steps': steps, 'loss': loss.item()}
-    finally:
-        if force_pytorch_msda:
-            if saved_env is None:
-                os.environ.pop('LRB_MSDA_FORCE_PYTORCH', None)
-            else:
-                os.environ['LRB_MSDA_FORCE_PYTORCH'] = saved_env
+def _train_case(device, cross_scale, precision, batch, img_size, swin_type, steps, warmup,
+                force_pytorch_msda=False, bert_shape=(768, 12)):
+    """One configuration of bench_train.measure: the real engine step (BERT-base-shaped random BERT,
+    the reference loss, parameter groups and schedule) on a synthetic batch."""
+    import bench_train
+    argv = ['--device', device, '--swin_type', swin_type, '--img_size', str(img_size), '--window12',
+            '--cross_scale', cross_scale, '-b', str(batch), '--iters', str(steps), '--warmup', str(warmup),
+            '--bert_hidden', str(bert_shape[0]), '--bert_layers', str(bert_shape[1])]
+    if precision == 'bf16':
+        argv.append('--amp')
+    env = {'LRB_MSDA_FORCE_PYTORCH': '1'} if force_pytorch_msda else {}
+    with mock.patch.dict(os.environ, env):
+        result = bench_train.measure(bench_train.get_args(argv))
+    peak = result['peak_memory_mib'] / 1024 if device == 'cuda' else None
+    return {'it_per_s': result['it_per_s'], 'images_per_s': result['samples_per_s'], 'peak_memory_gib': peak,
+            'batch': batch, 'steps': steps}
 
 
 def training(report, smoke, device):
@@ -282,7 +249,7 @@ def training(report, smoke, device):
             out_of_memory = False
             try:
                 result = _train_case(device, cross_scale, precision, batch, img_size, swin_type, steps, warmup,
-                                     force_pytorch_msda=force_pytorch)
+                                     force_pytorch_msda=force_pytorch, bert_shape=(64, 2) if smoke else (768, 12))
             except torch.cuda.OutOfMemoryError:
                 out_of_memory = True
             except Exception as e:

@@ -9,6 +9,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -64,22 +65,13 @@ def load_extension(verbose=False, build_dir=None, arch_list=None):
         raise RuntimeError('ops.load_extension: no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)')
     build_dir = Path(build_dir) if build_dir else default_build_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
-    saved_arch = os.environ.get('TORCH_CUDA_ARCH_LIST')
-    if arch_list:
-        os.environ['TORCH_CUDA_ARCH_LIST'] = arch_list
-    try:
+    with mock.patch.dict(os.environ, {'TORCH_CUDA_ARCH_LIST': arch_list} if arch_list else {}):  # restored after
         return cpp_extension.load(
             name=EXTENSION_NAME, sources=[str(s) for s in SOURCES],
             extra_include_paths=[str(OPS_DIR / 'src')],
             extra_cflags=EXTRA_CFLAGS, extra_cuda_cflags=EXTRA_CUDA_CFLAGS,
             extra_ldflags=_cuda_library_flags(),
             build_directory=str(build_dir), verbose=verbose, with_cuda=True)
-    finally:
-        if arch_list:
-            if saved_arch is None:
-                os.environ.pop('TORCH_CUDA_ARCH_LIST', None)
-            else:
-                os.environ['TORCH_CUDA_ARCH_LIST'] = saved_arch
 
 
 def get_extension():
