@@ -42,7 +42,7 @@ def build_data(args, env, batch_size):
     from refer.dataset import build_dataset
     tokenizer = load_tokenizer(args.bert_tokenizer)
     train_set = build_dataset(args, 'train', tokenizer, eval_mode=False)
-    val_set = build_dataset(args, 'val', tokenizer, eval_mode=True)
+    val_set = build_dataset(args, 'val', tokenizer, eval_mode=True, refer=train_set.refer)  # one REFER index
     workers = distributed.per_process_workers(args.workers, env.world_size)
     train_loader = engine.build_train_loader(train_set, batch_size, workers, args.seed, args.pin_mem, 'train')
     val_loader = engine.build_eval_loader(val_set, workers, args.pin_mem, 'val')
