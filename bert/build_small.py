@@ -1,4 +1,4 @@
-"""Build a small BERT offline: a WordPiece vocabulary trained on a dataset's expressions, a small
+"""Build a small BERT offline: a WordPiece vocabulary built from a dataset's expressions, a small
 `BertConfig` and random weights, written with `save_pretrained` so it loads through the same
 `from_pretrained` path as bert-base-uncased (pass the directory to --ck_bert and --bert_tokenizer).
 
@@ -6,12 +6,14 @@
 """
 import argparse
 import os
+from collections import Counter
 import string
 import sys
 import time
 
 import torch
-from tokenizers import BertWordPieceTokenizer
+from tokenizers.normalizers import BertNormalizer
+from tokenizers.pre_tokenizers import BertPreTokenizer
 from transformers import BertConfig, BertModel, BertTokenizerFast
 from transformers.utils import logging as hf_logging
 
@@ -37,22 +39,21 @@ def collect_expressions(data_root, dataset='rrsisd', splitBy='unc'):
     return expressions
 
 
-def train_wordpiece(expressions, vocab_size=2000):
-    """Lowercasing WordPiece trained on `expressions`; printable ASCII is always in the alphabet so
-    unseen words split into pieces instead of [UNK]."""
-    tokenizer = BertWordPieceTokenizer(lowercase=True)
-    tokenizer.train_from_iterator(expressions, vocab_size=vocab_size, min_frequency=1,
-                                  special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=list(string.ascii_lowercase + string.digits + string.punctuation))
-    return tokenizer
-
-
-def write_vocab(wordpiece, path):
-    """vocab.txt in a fixed order (special tokens, then sorted): the trainer numbers its alphabet in
-    hash order, so the same expressions would otherwise give different token ids run to run."""
-    tokens = sorted(set(wordpiece.get_vocab()) - set(SPECIAL_TOKENS))
-    with open(path, 'w', encoding='utf-8') as f:
-        f.write('\n'.join(SPECIAL_TOKENS + tokens) + '\n')
+def build_vocab(expressions, vocab_size=2000):
+    """WordPiece vocabulary: the special tokens, every printable ASCII character as a word start and as
+    a `##` continuation (so unseen words split into pieces instead of [UNK]), then the words of the
+    expressions, most frequent first (ties alphabetical). Counted, not trained: the `tokenizers`
+    trainer breaks merge ties in per-process hash order, so its vocabulary changes run to run."""
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    base = SPECIAL_TOKENS + chars + ['##' + c for c in chars]
+    if vocab_size < len(base):
+        raise InputError(f'--vocab_size {vocab_size}: must be at least {len(base)} (special tokens and characters)')
+    normalizer, pre_tokenizer = BertNormalizer(lowercase=True), BertPreTokenizer()
+    counts = Counter(word for text in expressions
+                     for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    known = set(base)
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if w not in known]
+    return base + words[:vocab_size - len(base)]
 
 
 def build_small_bert(expressions, out_dir, hidden_size=64, num_hidden_layers=10, num_attention_heads=4,
@@ -65,7 +66,8 @@ def build_small_bert(expressions, out_dir, hidden_size=64, num_hidden_layers=10,
         raise InputError(f'hidden size {hidden_size} is not a multiple of {num_attention_heads} heads')
     with atomic_output_dir(out_dir, overwrite) as tmp:
         vocab_file = os.path.join(tmp, 'vocab.txt')
-        write_vocab(train_wordpiece(expressions, vocab_size), vocab_file)
+        with open(vocab_file, 'w', encoding='utf-8') as f:
+            f.write('\n'.join(build_vocab(expressions, vocab_size)) + '\n')
         tokenizer = BertTokenizerFast(vocab=vocab_file, do_lower_case=True)
         assert tokenizer.pad_token_id == 0
         os.remove(vocab_file)
