@@ -45,7 +45,9 @@ def _resolve_device(device_arg, local_rank, distributed):
             raise InputError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible")
         return torch.device('cuda', local_rank)
     device = torch.device(name)
-    if device.index is not None and device.index >= torch.cuda.device_count():
+    if device.index is None:  # plain 'cuda': the current GPU, with its index (set_device needs one)
+        device = torch.device('cuda', torch.cuda.current_device())
+    if device.index >= torch.cuda.device_count():
         raise InputError(f"--device {device_arg}: only {torch.cuda.device_count()} GPUs are visible")
     return device
 
