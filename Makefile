@@ -25,10 +25,10 @@ demo: setup
 	OMP_NUM_THREADS=1 $(PY) train.py --device cpu --dataset rrsisd --refer_data_root $(DEMO)/data \
 		--bert_tokenizer $(DEMO)/bert --ck_bert $(DEMO)/bert --swin_type nano --img_size 64 \
 		--pretrained_swin_weights '' --epochs 25 --batch-size 8 --lr 1e-3 --workers 0 \
-		--output-dir $(DEMO)/checkpoints --model_id demo --print-freq 10
+		--output-dir $(DEMO)/checkpoints --model_id demo --print-freq 10 --overwrite
 	OMP_NUM_THREADS=1 $(PY) test.py --device cpu --dataset rrsisd --refer_data_root $(DEMO)/data \
 		--bert_tokenizer $(DEMO)/bert --ck_bert $(DEMO)/bert --swin_type nano --img_size 64 --workers 0 \
-		--resume $(DEMO)/checkpoints/model_best_demo.pth --split test --vis_dir $(DEMO)/vis --vis_num 8
+		--resume $(DEMO)/checkpoints/model_best_demo.pth --split test --vis_dir $(DEMO)/vis --vis_num 8 --overwrite
 	@echo "demo: objects cover ~2% of the demo images, so marking everything as the object scores ~2 oIoU;"
 	@echo "demo: metrics JSON next to $(DEMO)/checkpoints/model_best_demo.pth, overlays in $(DEMO)/vis/"
 

@@ -39,7 +39,7 @@ from pathlib import Path
 if __package__ in (None, ''):  # run as a script from anywhere: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from utils import InputError, atomic_output_dir, run_cli
+from utils import InputError, atomic_output_dir, check_free_space, check_writable_dir, run_cli
 
 VIEWS = ('all', 'no-mask', 'mask')
 CATEGORY_KEYS = ('category_id', 'categories_id')  # RRSIS-D instances use `categories_id`
@@ -97,8 +97,11 @@ def check_ratios(ratios):
     return sorted(ratios)  # the authors' order: ascending, one random stream
 
 
-def load_inputs(refs_path, instances_path, images_dir=None):
-    """Read and check refs + instances; every problem is one InputError naming the culprit."""
+def load_inputs(refs_path, instances_path, images_dir=None, workers=1):
+    """Read and check refs + instances as train.py does (fields, links, every ref's mask decodable at
+    its image's size: `refer.check`), so broken refs are refused instead of copied into the splits;
+    every problem is one InputError naming the file, the id and the field."""
+    from refer.check import check_masks, check_ref_links
     from refer.refer import category_id_of, load_instances, load_refs
 
     for flag, path in (('--refs', refs_path), ('--instances', instances_path)):
@@ -129,6 +132,10 @@ def load_inputs(refs_path, instances_path, images_dir=None):
         if ref['ann_id'] not in ann_category:
             raise InputError(f"{refs_path}: ref {ref['ref_id']} points to annotation {ref['ann_id']}, "
                              f'which is not in {instances_path}')
+    anns_by_id = {ann['id']: ann for ann in anns}
+    images_by_id = {image['id']: image for image in instances['images']}
+    check_ref_links(refs, anns_by_id, refs_path, instances_path, images=images_by_id)
+    check_masks(refs, anns_by_id, images_by_id, instances_path, workers=workers, label='the refs\' masks')
     return Inputs(refs, instances, ann_category, cat_names,
                   images_dir if images_dir is not None and images_dir.is_dir() else None)
 
@@ -316,6 +323,12 @@ def link_or_copy(src, dst):
         shutil.copyfile(src, dst)
 
 
+def estimated_output_bytes(refs_path, instances_path, n_ratios):
+    """Per ratio the three views hold every train record twice and the rest three times: at most
+    3 x (refs + instances); the data roots are hard links."""
+    return 3 * n_ratios * (os.path.getsize(refs_path) + os.path.getsize(instances_path))
+
+
 def refuse_replacing_inputs(out_dir, overwrite, sources):
     """--overwrite replaces OUT whole: never when an input lives inside it."""
     if overwrite and out_dir.is_dir():
@@ -392,7 +405,12 @@ def main(argv=None):
     images_dir = root / 'images' / args.dataset
     out_dir = Path(args.output_dir).absolute()
     refuse_replacing_inputs(out_dir, args.overwrite, [refs_path, instances_path, images_dir])
-    inputs = load_inputs(refs_path, instances_path, images_dir)  # input errors before anything is created
+    check_writable_dir(out_dir, '--output_dir')  # output problems before reading anything
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
+        raise InputError(f'--output_dir {out_dir}: is not empty (pass --overwrite to replace it)')
+    inputs = load_inputs(refs_path, instances_path, images_dir, workers=os.cpu_count() or 1)  # before writing
+    check_free_space(out_dir, estimated_output_bytes(refs_path, instances_path, len(ratios)), '--output_dir',
+                     f'the split files of {len(ratios)} ratio(s)')
     plans = plan_splits(inputs, ratios, args.seed)
     with atomic_output_dir(out_dir, args.overwrite, flag='--output_dir') as tmp_dir:
         encode = InstancesEncoder(inputs.instances)

@@ -16,6 +16,7 @@ from lib import distributed, engine
 from lib.metrics import format_results
 
 logger = logging.getLogger('lrb')
+OVERLAY_FILES = '[0-9][0-9][0-9][0-9][0-9]_s*.png'  # the names engine.OverlayWriter gives its PNGs
 
 
 def results_path(args):
@@ -43,8 +44,12 @@ def run(args, env):
     distributed.setup_logging(env.rank)
     if not args.resume:
         raise utils.InputError('--resume: give the checkpoint to test')
-    if args.vis_num < 0:
-        raise utils.InputError(f'--vis_num {args.vis_num}: must be >= 0')
+    utils.check_flag_values(args, ('workers', 'img_size', 'vis_num'))
+    utils.check_input_file(args.resume, '--resume')
+    if env.is_main:  # unwritable output paths fail now, not after the evaluation
+        utils.check_writable_dir(os.path.dirname(results_path(args)), '--results_json')
+        if args.vis_dir:
+            utils.check_writable_dir(args.vis_dir, '--vis_dir')
     checkpoint = engine.load_checkpoint(args.resume, trust=args.trust_checkpoint)
 
     from bert.encoder import load_tokenizer
@@ -63,6 +68,10 @@ def run(args, env):
     logger.info(f"{args.resume} ('{key}'): {args.split} split, {len(dataset)} refs, "
                 f'{env.world_size} process(es) on {env.device}')
 
+    if env.is_main:  # earlier results are replaced only with --overwrite (checked once the model fits)
+        utils.guard_output_file(results_path(args), overwrite=args.overwrite, flag='--results_json')
+        if args.vis_dir:
+            utils.guard_output_dir(args.vis_dir, [OVERLAY_FILES], overwrite=args.overwrite, flag='--vis_dir')
     vis = engine.OverlayWriter(args.vis_dir, args.vis_num, tokenizer) if args.vis_dir else None
     meter = engine.evaluate(engine.predict_fn(model, bert, args.amp), loader, env.device, desc='Test',
                             on_prediction=vis)

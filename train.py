@@ -10,10 +10,7 @@ or several, exactly as the original README:
 `--resume model_last_<id>.pth` continues an interrupted run (weights, optimizer, schedule, epoch, RNG).
 """
 import logging
-import os
 import time
-
-import torch
 
 import utils
 from lib import distributed, engine
@@ -22,62 +19,19 @@ from lib.losses import build_criterion
 logger = logging.getLogger('lrb')
 
 
-def validate_args(args):
-    """Checks that need no process group -> per-process batch size."""
-    if args.epochs < 1:
-        raise utils.InputError(f'--epochs {args.epochs}: must be >= 1')
-    if args.img_size < 32 or args.img_size % 32:
-        raise utils.InputError(f'--img_size {args.img_size}: must be a positive multiple of 32')
-    if args.resume and not os.path.isfile(args.resume):
-        raise utils.InputError(f'--resume {args.resume}: file not found')
-    if not os.path.isdir(args.refer_data_root):
-        raise utils.InputError(f'--refer_data_root {args.refer_data_root}: no such directory')
-    if args.stop_after < 0:
-        raise utils.InputError(f'--stop_after {args.stop_after}: must be >= 0')
-    return distributed.per_process_batch_size(args.batch_size, distributed.launch_world_size())
-
-
-def build_data(args, env, batch_size):
-    from bert.encoder import load_tokenizer
-    from refer.dataset import build_dataset
-    tokenizer = load_tokenizer(args.bert_tokenizer)
-    train_set = build_dataset(args, 'train', tokenizer, eval_mode=False)
-    val_set = build_dataset(args, 'val', tokenizer, eval_mode=True, refer=train_set.refer)  # one REFER index
-    workers = distributed.per_process_workers(args.workers, env.world_size)
-    train_loader = engine.build_train_loader(train_set, batch_size, workers, args.seed, args.pin_mem, 'train')
-    val_loader = engine.build_eval_loader(val_set, workers, args.pin_mem, 'val')
-    return train_loader, val_loader
-
-
-def dummy_forward(model, bert, args, device):
-    """A one-sample forward for the unused-parameter check."""
-    image = torch.zeros(1, 3, args.img_size, args.img_size, device=device)
-    ids = torch.ones(1, 20, dtype=torch.long, device=device)
-    mask = torch.zeros(1, 20, dtype=torch.long, device=device)
-    mask[:, :2] = 1
-    return lambda: engine.segment(model, bert, image, ids, mask)
-
-
 def main(argv=None):
-    args = utils.get_parser().parse_args(argv)
-    batch_size = validate_args(args)
-    env = distributed.init_distributed(args.device)
-    try:
-        run(args, env, batch_size)
-    finally:
-        distributed.cleanup_distributed()
+    return engine.launch(run, argv)
 
 
 def run(args, env, batch_size):
-    distributed.setup_logging(env.rank)
-    if args.amp and env.device.type != 'cuda':
-        logger.info('--amp is for GPUs; running in float32 on CPU')
-    distributed.seed_everything(args.seed, env.rank)
-    logger.info(f'{env.world_size} process(es) on {env.device}; batch {batch_size} per process; '
-                f'image size {args.img_size}')
-
-    train_loader, val_loader = build_data(args, env, batch_size)
-    model, bert = engine.build_model(args)
+    engine.start_run(args, env, batch_size)
+    # before anything slow: refuse to replace a finished run, check the folder (the data are checked
+    # while the datasets are built, the free space once the model and optimizer exist)
+    last_epoch = min(args.epochs, args.stop_after or args.epochs)
+    utils.guard_run_dir(args.output_dir, engine.run_file_names(args.model_id, last_epoch),
+                        resume=args.resume, overwrite=args.overwrite, resume_hint=f'model_last_{args.model_id}.pth')
+    _, _, train_loader, val_loader = engine.build_data(args, env, batch_size)
+    model, bert = engine.build_model(args, pretrained='' if args.resume else None)  # resume: weights come next
     model.to(env.device)
     if bert is not None:
         bert.to(env.device)
@@ -93,7 +47,7 @@ def run(args, env, batch_size):
     find_unused = False
     if env.distributed:
         unused = engine.find_unused_parameters([m for m in (model, bert) if m is not None],
-                                               dummy_forward(model, bert, args, env.device))
+                                               engine.dummy_forward(model, bert, args.img_size, env.device))
         find_unused = bool(unused)
     ddp_model = engine.wrap_for_distributed(model, env, find_unused)
     ddp_bert = engine.wrap_for_distributed(bert, env, find_unused)
@@ -105,8 +59,8 @@ def run(args, env, batch_size):
         start_epoch, best_oiou = engine.restore_training_state(checkpoint, optimizer, lr_scheduler, args.resume)
         logger.info(f'resumed {args.resume}: continuing at epoch {start_epoch}')
         del checkpoint
-    if start_epoch >= args.epochs:
-        logger.info(f'nothing to do: the checkpoint already finished epoch {start_epoch - 1} of {args.epochs}')
+    end_epoch = engine.end_epoch(args, start_epoch)
+    if end_epoch is None:
         return
 
     def set_modes(training):
@@ -117,14 +71,15 @@ def run(args, env, batch_size):
     def make_state(epoch, best):
         return engine.training_checkpoint(model, bert, optimizer, lr_scheduler, epoch, args, best)
 
-    writer = engine.make_writer(args.output_dir, args.model_id)
-    end_epoch = args.epochs if not args.stop_after else min(args.epochs, start_epoch + args.stop_after)
+    engine.check_checkpoint_space(args.output_dir, (model, bert), optimizer,
+                                  replaces=engine.run_file_names(args.model_id, 0))
+    writer = engine.make_writer(args.output_dir, args.model_id, fresh=args.overwrite)
     start = time.time()
     engine.fit(train_step=engine.supervised_step(ddp_model, ddp_bert, build_criterion().to(env.device)),
                predict=engine.predict_fn(model, bert, args.amp),
                train_loader=train_loader, val_loader=val_loader, optimizer=optimizer,
-               lr_scheduler=lr_scheduler, start_epoch=start_epoch, epochs=end_epoch, best_oiou=best_oiou,
-               device=env.device, make_state=make_state, output_dir=args.output_dir, model_id=args.model_id,
+               lr_scheduler=lr_scheduler, start_epoch=start_epoch, epochs=end_epoch, best={'oIoU': best_oiou},
+               device=env.device, save=engine.stage1_saver(make_state, args.output_dir, args.model_id),
                print_freq=args.print_freq, amp=args.amp, writer=writer, set_modes=set_modes)
     if writer is not None:
         writer.close()

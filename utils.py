@@ -1,44 +1,387 @@
-"""Shared command-line parser and the one-line error convention of every entry point.
+"""Shared command-line parser and the reliability conventions of every entry point.
 
 Every flag of the original LRB-WREL `args.py` is here with its original default, so the
 commands of the original README run unchanged. Flags that are new in this codebase are
 grouped at the end of `get_parser()`.
+
+What each entry point (train.py, test.py, mask_train_only.py, the stage scripts) gets from here:
+- `run_cli(main)`: an `InputError` / `OutputError` (also one raised inside a DataLoader worker) is one
+  line and exit 2; Ctrl-C is one line naming the last checkpoint (exit 130).
+- checks to run at the start of `main`, before anything slow: `check_flag_values`, `check_input_file`,
+  `guard_run_dir` (training output folders), `guard_output_file` (single result files),
+  `check_writable_dir`, `check_free_space`.
+- writes: `atomic_file`, `atomic_output_dir` (temporaries named by `temp_path`, so
+  `remove_stale_temporaries` can clean what a killed run left, and nothing else).
 """
 import argparse
 import contextlib
+import errno
+import hashlib
+import logging
+import math
 import os
+import re
+import shlex
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
 
+logger = logging.getLogger('lrb')
+
 
 class InputError(Exception):
-    """Bad user input (path, flag, id). Entry points print it as one line and exit non-zero."""
+    """Bad user input (path, flag, id). Entry points print it as one line and exit non-zero.
+
+    Raised inside a DataLoader worker, it comes back wrapped in the worker's traceback; the
+    constructor recovers the original one-line message, so `--workers N` reads like `--workers 0`."""
+
+    def __init__(self, message=''):
+        super().__init__(_unwrap_worker_message(str(message)))
+
+
+class OutputError(InputError):
+    """A file or folder could not be written (disk full, read-only, a file in the way): one line
+    naming the path and the cause. A subclass of InputError, so every handler treats it alike."""
+
+
+_WORKER_LAST_LINE = re.compile(r'^(?:[\w.]+\.)?(?:InputError|OutputError): (.*)', re.M | re.S)
+
+
+def _unwrap_worker_message(message):
+    """'Caught InputError in DataLoader worker process 0.\nOriginal Traceback ...\nutils.InputError: m' -> 'm'."""
+    if not message.startswith('Caught ') or '\nOriginal Traceback' not in message:
+        return message
+    matches = list(_WORKER_LAST_LINE.finditer(message))
+    return matches[-1].group(1).strip() if matches else message
+
+
+def _worker_death_message(exc):
+    """One line for a DataLoader worker killed by the system (usually out of memory), else None."""
+    text = str(exc)
+    if not text.startswith('DataLoader worker'):
+        return None
+    return (f'{text.splitlines()[0].rstrip(". ")}: a data-loading worker died, usually for lack of '
+            f'memory; lower --workers or --batch-size')
+
+
+# --- Ctrl-C: where the last checkpoint is -------------------------------------------------------
+
+_RUN = {'dir': None, 'resume': None, 'last': None, 'epoch': None}
+
+
+def record_checkpoint(path, epoch=None):
+    """Remember the last resumable checkpoint written (engine.save_checkpoint calls this after each
+    successful write), so that Ctrl-C can say where it is and how to resume."""
+    _RUN['last'], _RUN['epoch'] = os.path.abspath(path), epoch
+
+
+def _interrupted_message():
+    if _RUN['last']:
+        epoch = f" (epoch {_RUN['epoch']})" if _RUN['epoch'] is not None else ''
+        return (f"interrupted; the last checkpoint is {_RUN['last']}{epoch}; continue with "
+                f"--resume {shlex.quote(_RUN['last'])}")
+    if _RUN['resume']:
+        return (f"interrupted before this run wrote a checkpoint; continue again with "
+                f"--resume {shlex.quote(_RUN['resume'])}")
+    if _RUN['dir']:
+        return f"interrupted before the first checkpoint; nothing to resume in {_RUN['dir']}"
+    return 'interrupted'
 
 
 def run_cli(main, argv=None):
-    """Run `main(args_list)` and turn an `InputError` into `prog: error: message` + exit code 2."""
+    """Run `main(argv)` as an entry point (the `if __name__ == '__main__'` line of every script):
+    InputError / OutputError -> `prog: error: message` + exit 2; Ctrl-C -> one line saying where the
+    last checkpoint is + exit 130; a DataLoader worker killed by the system -> one line + exit 1."""
+    prog = sys.argv[0].rsplit('/', 1)[-1] or 'lrb-wrel'
     try:
         return main(argv)
     except InputError as e:
-        prog = sys.argv[0].rsplit('/', 1)[-1] or 'lrb-wrel'
         print(f'{prog}: error: {e}', file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f'\n{prog}: {_interrupted_message()}', file=sys.stderr)
+        sys.exit(130)
+    except RuntimeError as e:
+        message = _worker_death_message(e)
+        if message is None:
+            raise
+        print(f'{prog}: error: {message}', file=sys.stderr)
+        sys.exit(1)
+
+
+# --- flag values ----------------------------------------------------------------------------------
+
+def _finite(v):
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+# dest -> (flag as the user types it, test, what it must be)
+FLAG_RULES = {
+    'lr': ('--lr', lambda v: _finite(v) and v > 0, 'a finite number > 0'),
+    'caption_lr': ('--caption_lr', lambda v: _finite(v) and v > 0, 'a finite number > 0'),
+    'weight_decay': ('--wd', lambda v: _finite(v) and v >= 0, 'a finite number >= 0'),
+    'fusion_drop': ('--fusion_drop', lambda v: _finite(v) and 0 <= v < 1, 'in [0, 1)'),
+    'epochs': ('--epochs', lambda v: v >= 1, '>= 1'),
+    'batch_size': ('--batch-size', lambda v: v >= 1, '>= 1'),
+    'workers': ('--workers', lambda v: v >= 0, '>= 0'),
+    'print_freq': ('--print-freq', lambda v: v >= 1, '>= 1'),
+    'img_size': ('--img_size', lambda v: v >= 32 and v % 32 == 0, 'a positive multiple of 32'),
+    'stop_after': ('--stop_after', lambda v: v >= 0, '>= 0'),
+    'vis_num': ('--vis_num', lambda v: v >= 0, '>= 0'),
+    'caption_inner_steps': ('--caption_inner_steps', lambda v: v >= 1, '>= 1'),
+    'caption_update_every': ('--caption_update_every', lambda v: v >= 1, '>= 1'),
+}
+
+
+def check_flag_values(args, names=None):
+    """One-line InputError for the first flag of `names` (dests; default: every rule in FLAG_RULES
+    that `args` has) whose value is out of range, e.g. `--lr nan: must be a finite number > 0`.
+    Call it first thing in main() of every script that uses get_parser()."""
+    for name in (names if names is not None else FLAG_RULES):
+        if not hasattr(args, name):
+            continue
+        flag, ok, what = FLAG_RULES[name]
+        value = getattr(args, name)
+        if not ok(value):
+            raise InputError(f'{flag} {value}: must be {what}')
+
+
+def check_input_file(path, flag):
+    """A file the script reads (--resume, weights): one line if it is missing or a directory."""
+    if not path:
+        raise InputError(f'{flag}: no file given')
+    if os.path.isdir(path):
+        raise InputError(f'{flag} {path}: is a directory, not a file')
+    if not os.path.isfile(path):
+        raise InputError(f'{flag} {path}: file not found')
+
+
+# --- output folders -------------------------------------------------------------------------------
+
+_HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+# .<name>.tmp<pid>-<host><suffix> (atomic_file; older versions: no -<host>),
+# .<name>.tmp-<pid>-<host>-<random> and .<name>.old-<pid>-<host> (atomic_output_dir),
+# .lrb-probe-<pid>-<host>-<random> (check_writable_dir)
+_TEMP_FILE = re.compile(r'^\.(?P<name>.+)\.tmp(?P<pid>\d+)(?:-(?P<host>[0-9a-f]{6}))?(?P<suffix>\.[^.]*)?$')
+_TEMP_DIR = re.compile(r'^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-(?P<host>[0-9a-f]{6})(?:-[\w]+)?$')
+_PROBE = re.compile(r'^\.lrb-probe-(?P<pid>\d+)-(?P<host>[0-9a-f]{6})-\w+$')
+
+
+def temp_path(path):
+    """The temporary name `atomic_file` writes `path` under: hidden, in the same folder, tagged with
+    this process and host, same suffix (writers that go by the suffix pick the right format)."""
+    path = Path(path)
+    return path.with_name(f'.{path.name}.tmp{os.getpid()}-{_HOST_TAG}{path.suffix}')
+
+
+def _pid_alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _stale(match):
+    """A temporary of ours whose process is gone (on this host; other hosts' are left alone)."""
+    host = match.groupdict().get('host')
+    return (host is None or host == _HOST_TAG) and not _pid_alive(int(match.group('pid')))
+
+
+def remove_stale_temporaries(folder):
+    """Delete what killed runs of this code left in `folder`: temporaries named by `temp_path`,
+    `atomic_output_dir` and `check_writable_dir` whose process no longer runs (and only those).
+    A half-swapped output folder (killed between its two renames) is put back instead.
+    Called by `guard_run_dir` and `atomic_output_dir`; returns the names removed."""
+    folder = Path(folder)
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        name = entry.name
+        if not name.startswith('.'):
+            continue
+        try:
+            m = _TEMP_FILE.match(name)
+            if m and entry.is_file(follow_symlinks=False) and (m.group('suffix') or '') == Path(
+                    m.group('name')).suffix and _stale(m):
+                os.unlink(entry.path)
+                removed.append(name)
+                continue
+            m = _PROBE.match(name)
+            if m and entry.is_file(follow_symlinks=False) and _stale(m):
+                os.unlink(entry.path)
+                removed.append(name)
+                continue
+            m = _TEMP_DIR.match(name)
+            if m and entry.is_dir(follow_symlinks=False) and _stale(m):
+                final = folder / m.group('name')
+                if m.group('kind') == 'old' and not os.path.lexists(final):
+                    os.replace(entry.path, final)  # the previous output, never replaced: restore it
+                    logger.warning(f'restored {final} from {name}, left by an interrupted run')
+                    continue
+                shutil.rmtree(entry.path)
+                removed.append(name)
+        except FileNotFoundError:
+            continue  # another process cleaned it first
+    if removed:
+        logger.warning(f"removed {len(removed)} temporary file(s) left by killed runs in {folder}: "
+                       f"{', '.join(removed[:3])}{' ...' if len(removed) > 3 else ''}")
+    return removed
+
+
+def _existing_ancestor(path):
+    path = Path(path).absolute()
+    while not os.path.lexists(path):
+        path = path.parent
+    return path
+
+
+def check_writable_dir(path, flag):
+    """One-line InputError unless `path` is (or can be created as) a folder this process can write in.
+    Creates nothing that stays: a probe file in the nearest existing folder is made and removed."""
+    path = Path(path)
+    base = _existing_ancestor(path)
+    if not base.is_dir():
+        what = 'is a file' if base == path.absolute() else f'lies under {base}, which is a file'
+        raise InputError(f'{flag} {path}: {what}, not a folder')
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f'.lrb-probe-{os.getpid()}-{_HOST_TAG}-', dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f'{flag} {path}: cannot write in {base} ({e.strerror or e})') from None
+    return base
+
+
+def format_bytes(n):
+    for unit in ('B', 'KB', 'MB', 'GB', 'TB'):
+        if abs(n) < 1000 or unit == 'TB':
+            return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+        n /= 1000
+
+
+def free_bytes(path):
+    """Free space on the file system that holds `path` (or would, once created)."""
+    return shutil.disk_usage(_existing_ancestor(path)).free
+
+
+def check_free_space(path, needed, flag, what):
+    """One-line OutputError when the file system of `path` has less than `needed` bytes free;
+    `what` says what the bytes are for (e.g. '3 checkpoints of about 1.2 GB')."""
+    free = free_bytes(path)
+    if free < needed:
+        raise OutputError(f'{flag} {path}: only {format_bytes(free)} free, {what} need about '
+                          f'{format_bytes(needed)}; free some space or choose another {flag}')
+    return free
+
+
+def _existing_outputs(out, file_names):
+    found = []
+    if out.is_dir():
+        for name in file_names:
+            if any(c in name for c in '*?['):
+                found += sorted(p.name for p in out.glob(name))
+            elif os.path.lexists(out / name):
+                found.append(name)
+    return found
+
+
+def guard_output_dir(output_dir, file_names, *, overwrite=False, flag, overwrite_flag='--overwrite'):
+    """Before a script writes `file_names` (names or glob patterns) into `output_dir`: refuse (one line)
+    when it is a file, cannot be written, or already holds any of them, unless `overwrite`; then remove
+    stale temporaries of killed runs. Creates nothing. (test.py's --vis_dir; for training runs use
+    guard_run_dir.)"""
+    out = Path(output_dir)
+    check_writable_dir(out, flag)
+    existing = [] if overwrite else _existing_outputs(out, file_names)
+    if existing:
+        more = f' and {len(existing) - 1} more' if len(existing) > 1 else ''
+        raise InputError(f'{flag} {out}: holds {existing[0]}{more} from an earlier run; pass {overwrite_flag} '
+                         f'to replace them')
+    if int(os.environ.get('RANK', '0') or 0) == 0:
+        remove_stale_temporaries(out)
+
+
+def guard_run_dir(output_dir, file_names, *, resume='', overwrite=False, dir_flag='--output-dir',
+                  resume_flag='--resume', overwrite_flag='--overwrite', resume_hint=None):
+    """Before a training run writes into `output_dir`: refuse (one line) when it is a file or cannot be
+    written, or when it already holds any of `file_names` (the files this run would write: a finished
+    run's checkpoints; glob patterns allowed) unless the user asked to continue (`resume`, the --resume
+    path) or to replace (`overwrite`); the message names both flags (`resume_hint`: the file to suggest
+    for --resume). Then removes stale temporaries of killed runs (rank 0). Creates nothing.
+    Call it at the start of every training script, e.g. with `engine.run_file_names(...)`; it also
+    arms the Ctrl-C message of `run_cli`."""
+    out = Path(output_dir)
+    check_writable_dir(out, dir_flag)
+    existing = [] if (resume or overwrite) else _existing_outputs(out, file_names)
+    if existing:
+        more = f' and {len(existing) - 1} more' if len(existing) > 1 else ''
+        hint = shlex.quote(str(out / (resume_hint if resume_hint and (out / resume_hint).is_file() else existing[0])))
+        raise InputError(f'{dir_flag} {out}: holds {existing[0]}{more} of a finished run; pass '
+                         f'{resume_flag} {hint} to continue it or {overwrite_flag} to replace it')
+    _RUN['dir'], _RUN['resume'] = str(out), (os.path.abspath(resume) if resume else None)
+    if int(os.environ.get('RANK', '0') or 0) == 0:
+        remove_stale_temporaries(out)
+
+
+def guard_output_file(path, *, overwrite=False, flag, overwrite_flag='--overwrite'):
+    """Before a script writes one result file (test.py's metrics JSON): refuse (one line) when it exists
+    (unless `overwrite`), is a folder, or its folder cannot be written; stale temporaries go."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f'{flag} {path}: is a directory, not a file')
+    if os.path.lexists(path) and not overwrite:
+        raise InputError(f'{flag} {path}: exists; pass {overwrite_flag} to replace it')
+    check_writable_dir(path.parent, flag)
+    remove_stale_temporaries(path.parent)
+
+
+# --- atomic writes --------------------------------------------------------------------------------
+
+def write_error(path, exc, tmp=None):
+    """OutputError 'cannot write PATH: cause' for an OSError met while writing `path`."""
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    other = getattr(exc, 'filename', None)
+    extra = f" ('{other}')" if other and str(other) not in (str(path), str(tmp)) else ''
+    if exc.errno == errno.ENOSPC:
+        with contextlib.suppress(OSError):
+            extra += f', {format_bytes(free_bytes(path))} free'
+    return OutputError(f"cannot write '{path}': {cause}{extra}")
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def atomic_file(path):
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on failure removed.
-    Readers never see a half-written file."""
+    """Yield a temporary path beside `path` (see `temp_path`); on success it is flushed to disk and
+    renamed onto `path`, on failure removed. Readers never see a half-written file; an OSError while
+    writing becomes an OutputError naming `path` and the cause (`No space left on device`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}{path.suffix}')
+    tmp = temp_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(path, e, tmp) from None
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
 
 
@@ -54,24 +397,33 @@ def atomic_output_dir(out, overwrite=False, flag='--out'):
     """Yield a fresh temporary folder beside `out`; on success it replaces `out` in one rename.
 
     A non-empty `out` is refused (one-line InputError naming `flag`) unless `overwrite`; then the old
-    folder is swapped out and removed only after the new one is in place. On failure nothing changes.
+    folder is swapped out and removed only after the new one is in place. On failure nothing changes;
+    an OSError while writing is one OutputError naming the file and the cause. Temporaries that a
+    killed run left beside `out` are removed first (see `remove_stale_temporaries`).
     """
     out = Path(out).absolute()
     _check_output_dir(out, overwrite, flag)
+    check_writable_dir(out.parent, flag)
+    remove_stale_temporaries(out.parent)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-{os.getpid()}-{_HOST_TAG}-', dir=out.parent))
     except OSError as e:
         raise InputError(f'{flag} {out}: cannot write in {out.parent} ({e.strerror})') from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like a mkdir
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            name = str(e.filename or '')
+            shown = out / os.path.relpath(name, tmp) if name.startswith(str(tmp)) else (name or out)
+            raise OutputError(f"{flag} {out}: cannot write '{shown}': {e.strerror or e}") from None
         if not out.exists() and not out.is_symlink():
             os.replace(tmp, out)
             return
-        old = out.with_name(f'.{out.name}.old-{os.getpid()}')
+        old = out.with_name(f'.{out.name}.old-{os.getpid()}-{_HOST_TAG}')
         os.replace(out, old)
         try:
             os.replace(tmp, out)
@@ -154,6 +506,10 @@ def get_parser():
     parser.add_argument('--stop_after', default=0, type=int,
                         help='train.py: stop after this many epochs in this run (0: run to --epochs); '
                              'continue later with --resume, e.g. under a job time limit')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace the files of a finished run with the same --model_id in --output-dir '
+                             '(train), or an existing metrics file / overlays (test.py); without it they are '
+                             'refused')
     parser.add_argument('--trust_checkpoint', action='store_true',
                         help='allow arbitrary pickled objects in --resume (only for files you trust)')
     parser.add_argument('--weights_key', default='auto',

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lib import distributed
 from lib.metrics import RefSegMeter, tensor_keys
 from lib.pretrained import strip_prefix
+import utils
 from utils import InputError, atomic_file
 
 logger = logging.getLogger('lrb')
@@ -85,6 +86,63 @@ def segment(model, bert, image, input_ids, attention_mask):
 
 def text_encoder_of(model, bert=None):
     return unwrap(bert) if bert is not None else unwrap(model).text_encoder
+
+
+def validate_training_args(args):
+    """Flag checks of every training script, before any process group -> per-process batch size."""
+    utils.check_flag_values(args)  # --lr nan, --workers -1, ...: one line each
+    if args.epochs < 1:
+        raise InputError(f'--epochs {args.epochs}: must be >= 1')
+    if args.img_size < 32 or args.img_size % 32:
+        raise InputError(f'--img_size {args.img_size}: must be a positive multiple of 32')
+    if args.resume:
+        utils.check_input_file(args.resume, '--resume')  # missing, or a directory
+    if not os.path.isdir(args.refer_data_root):
+        raise InputError(f'--refer_data_root {args.refer_data_root}: no such directory')
+    if args.stop_after < 0:
+        raise InputError(f'--stop_after {args.stop_after}: must be >= 0')
+    return distributed.per_process_batch_size(args.batch_size, distributed.launch_world_size())
+
+
+def dummy_forward(model, bert, img_size, device):
+    """A one-sample forward (for `find_unused_parameters`)."""
+    image = torch.zeros(1, 3, img_size, img_size, device=device)
+    ids = torch.ones(1, 20, dtype=torch.long, device=device)
+    mask = torch.zeros(1, 20, dtype=torch.long, device=device)
+    mask[:, :2] = 1
+    return lambda: segment(model, bert, image, ids, mask)
+
+
+def launch(run, argv=None, validate=validate_training_args):
+    """Entry point of a training script: parse, validate flags, set up the process(es), run(args, env,
+    per-process batch size), tear down."""
+    from utils import get_parser
+    args = get_parser().parse_args(argv)
+    batch_size = validate(args)
+    env = distributed.init_distributed(args.device)
+    try:
+        return run(args, env, batch_size)
+    finally:
+        distributed.cleanup_distributed()
+
+
+def start_run(args, env, batch_size):
+    """Logging, seeding and the opening log line of a training run."""
+    distributed.setup_logging(env.rank)
+    if args.amp and env.device.type != 'cuda':
+        logger.info('--amp is for GPUs; running in float32 on CPU')
+    distributed.seed_everything(args.seed, env.rank)
+    logger.info(f'{env.world_size} process(es) on {env.device}; batch {batch_size} per process; '
+                f'image size {args.img_size}')
+
+
+def end_epoch(args, start_epoch):
+    """The epoch this run stops before (--epochs, or earlier with --stop_after); None when a resumed
+    checkpoint has already finished every epoch."""
+    if start_epoch >= args.epochs:
+        logger.info(f'nothing to do: the checkpoint already finished epoch {start_epoch - 1} of {args.epochs}')
+        return None
+    return args.epochs if not args.stop_after else min(args.epochs, start_epoch + args.stop_after)
 
 
 # --- optimization ----------------------------------------------------------------------------
@@ -175,6 +233,20 @@ def build_eval_loader(dataset, workers, pin_memory=False, split='val'):
     return DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=workers, pin_memory=pin_memory)
 
 
+def build_data(args, env, batch_size, val_split='val'):
+    """Train set (train mode) and `val_split` set (eval mode: every sentence, no occlusion boxes) on one
+    REFER index, with their loaders -> (train_set, val_set, train_loader, val_loader)."""
+    from bert.encoder import load_tokenizer
+    from refer.dataset import build_dataset
+    tokenizer = load_tokenizer(args.bert_tokenizer)
+    train_set = build_dataset(args, 'train', tokenizer, eval_mode=False)
+    val_set = build_dataset(args, val_split, tokenizer, eval_mode=True, refer=train_set.refer)
+    workers = distributed.per_process_workers(args.workers, env.world_size)
+    train_loader = build_train_loader(train_set, batch_size, workers, args.seed, args.pin_mem, 'train')
+    val_loader = build_eval_loader(val_set, workers, args.pin_mem, val_split)
+    return train_set, val_set, train_loader, val_loader
+
+
 # --- distributed wrapping --------------------------------------------------------------------
 
 def find_unused_parameters(model, forward_fn):
@@ -216,10 +288,13 @@ def wrap_for_distributed(module, env, find_unused=False):
 
 # --- loops -----------------------------------------------------------------------------------
 
+HOST_KEYS = ('ref_id', 'index')  # ids stay on the host: lookups on them need no device sync
+
+
 def to_device(batch, device):
     non_blocking = device.type == 'cuda'
-    return {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
-            for k, v in batch.items()}
+    return {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) and k not in HOST_KEYS
+                else v) for k, v in batch.items()}
 
 
 def autocast(device, enabled):
@@ -245,10 +320,14 @@ def _progress(iterable, desc, total=None):
 
 
 def train_one_epoch(step_fn, loader, optimizer, lr_scheduler, epoch, *, device, print_freq=10,
-                    amp=False, after_step=None, writer=None, global_step=0):
+                    amp=False, before_step=None, after_backward=None, after_step=None, writer=None,
+                    global_step=0):
     """One pass over `loader`: step_fn(batch) -> loss; backward; optimizer and per-iteration schedule.
 
-    after_step(i, batch) runs after each optimizer step (e.g. an EMA teacher update).
+    Hooks (the LRB stages plug in here; stage 1 uses none):
+      before_step(i, batch)   before the forward, e.g. the reference bank's inner loop in stage 3
+      after_backward(i, batch) between backward and optimizer step, e.g. syncing the bank's gradient
+      after_step(i, batch)    after the optimizer step, e.g. the EMA teacher update
     Modes (train/eval) of the modules are the caller's business. Returns the mean loss.
     No host synchronisation per iteration: the loss is read back only every `print_freq` steps.
     """
@@ -259,10 +338,14 @@ def train_one_epoch(step_fn, loader, optimizer, lr_scheduler, epoch, *, device, 
     start = time.time()
     for i, batch in enumerate(_progress(loader, f'Epoch {epoch}', num_iters)):
         batch = to_device(batch, device)
+        if before_step is not None:
+            before_step(i, batch)
         with autocast(device, amp):
             loss = step_fn(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if after_backward is not None:
+            after_backward(i, batch)
         optimizer.step()
         lr_scheduler.step()
         if after_step is not None:
@@ -330,39 +413,73 @@ _BENIGN_KEY_SUFFIXES = ('num_batches_tracked', 'position_ids', 'token_type_ids',
                         'attn_mask')
 
 
-def save_checkpoint(state, path):
-    """torch.save to a temporary file in the same folder, then rename (rank 0 only)."""
+def save_checkpoint(state, path, resumable=True):
+    """torch.save to a temporary file in the same folder, flushed to disk, then renamed (rank 0 only).
+    A failed write (disk full, read-only) is one OutputError naming `path` and the cause, and the
+    previous file at `path` stays intact. `resumable`: the Ctrl-C message of utils.run_cli names it
+    as the file to --resume from (pass False for files that are not training checkpoints)."""
     if distributed.is_main_process():
         with atomic_file(path) as tmp:
-            torch.save(state, tmp)
+            with open(tmp, 'wb') as f:  # through a Python file, a full disk is an OSError with its cause
+                torch.save(state, f)
+    if resumable:
+        utils.record_checkpoint(path, state.get('epoch') if isinstance(state, dict) else None)
 
 
 def copy_atomic(src, dst):
+    """Copy a written checkpoint (model_best, model_epoch_N), atomically; errors as save_checkpoint."""
     if distributed.is_main_process():
         with atomic_file(dst) as tmp:
             shutil.copyfile(src, tmp)
 
 
+_TORCH_LEGACY_MAGIC = b'\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19'  # pickled magic number of torch < 1.6 files
+
+
+def _looks_like_torch_file(path):
+    import zipfile
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, 'rb') as f:
+        return f.read(len(_TORCH_LEGACY_MAGIC)) == _TORCH_LEGACY_MAGIC
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:  # torch's weights-only errors put the cause on a later line
+        if ln.startswith('WeightsUnpickler error:'):
+            return ln[len('WeightsUnpickler error:'):].strip()
+    return lines[0] if lines else type(exc).__name__
+
+
 def load_checkpoint(path, trust=False, flag='--resume'):
     """Load a checkpoint on CPU. Tensors and plain containers only (weights_only), with
     argparse.Namespace allowed because the reference stores its args that way; `trust=True` allows
-    arbitrary pickles (only for files you made)."""
-    if not path:
-        raise InputError(f'{flag}: no checkpoint given')
-    if not os.path.isfile(path):
-        raise InputError(f'{flag} {path}: file not found')
+    arbitrary pickles (only for files you made). One-line errors: missing, a directory, not a torch
+    file, truncated, or naming the global the restricted loader refused."""
+    import re
+    utils.check_input_file(path, flag)
     try:
+        if not _looks_like_torch_file(path):
+            raise InputError(f'{flag} {path}: not a torch checkpoint (neither the zip archive of torch.save '
+                             f'nor a legacy torch file)')
         if trust:
             return torch.load(path, map_location='cpu', weights_only=False)
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f'{flag} {path}: refused to unpickle ({first}); '
-                         f'add --trust_checkpoint if you trust this file') from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise InputError(f'{flag} {path}: not a readable torch checkpoint ({type(e).__name__}: '
-                         f'{str(e).splitlines()[0] if str(e) else ""})') from None
+        refused = re.search(r'GLOBAL ([\w.]+)', str(e))
+        if not trust and refused:
+            raise InputError(f"{flag} {path}: refused to unpickle the global '{refused.group(1)}' (by default only "
+                             f"tensors and plain containers load); add --trust_checkpoint if you trust this file") from None
+        if not trust and 'Weights only load failed' in str(e):
+            raise InputError(f'{flag} {path}: refused to unpickle ({_first_line(e)}); '
+                             f'add --trust_checkpoint if you trust this file') from None
+        raise InputError(f'{flag} {path}: not a torch checkpoint ({_first_line(e)})') from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError, IndexError) as e:
+        raise InputError(f'{flag} {path}: not a readable torch checkpoint, perhaps truncated or damaged '
+                         f'({type(e).__name__}: {_first_line(e)})') from None
 
 
 def check_state_dict(module, state_dict):
@@ -417,6 +534,9 @@ def load_model_and_bert(checkpoint, model, bert, key='auto', source='checkpoint'
             raise InputError(f"{source}: no 'bert_model' entry, so it was not trained with --model lavt "
                              f"(try --model lavt_one)")
         load_weights(bert, checkpoint['bert_model'], source, 'bert_model')
+    epoch = checkpoint.get('epoch')
+    logger.info(f"weights: '{key}'" + (" and 'bert_model'" if bert is not None else '') + f' loaded from {source}'
+                + (f' (epoch {epoch})' if isinstance(epoch, int) else ''))
     return key
 
 
@@ -424,9 +544,10 @@ def args_to_dict(args):
     return {k: v for k, v in vars(args).items()} if isinstance(args, argparse.Namespace) else dict(args)
 
 
-def training_checkpoint(model, bert, optimizer, lr_scheduler, epoch, args, best_oiou=None, **extra):
+def training_checkpoint(model, bert, optimizer, lr_scheduler, epoch, args, best_oiou=None, model_key='model',
+                        **extra):
     """Reference keys (model, bert_model, optimizer, lr_scheduler, epoch, args) + resume extras."""
-    state = {'model': unwrap(model).state_dict()}
+    state = {model_key: unwrap(model).state_dict()}
     if bert is not None:
         state['bert_model'] = unwrap(bert).state_dict()
     # every rank's RNG (a collective: call on all ranks), so a resumed run continues exactly
@@ -477,51 +598,133 @@ def save_epoch_checkpoints(state, output_dir, model_id, epoch, is_best):
     return paths
 
 
-def make_writer(output_dir, model_id):
-    """TensorBoard writer on rank 0 (None elsewhere)."""
+class LazySummaryWriter:
+    """A TensorBoard SummaryWriter that creates its folder at the first write, so a run that fails
+    before its first step leaves no empty log folder. `fresh`: drop the event files an earlier run
+    left there first (train.py --overwrite)."""
+
+    def __init__(self, log_dir, fresh=False):
+        self.log_dir, self.fresh, self._writer = log_dir, fresh, None
+
+    def _get(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            try:
+                if self.fresh and os.path.isdir(self.log_dir):
+                    for name in os.listdir(self.log_dir):
+                        if name.startswith('events.out.tfevents.'):
+                            os.unlink(os.path.join(self.log_dir, name))
+                self._writer = SummaryWriter(log_dir=self.log_dir)
+            except OSError as e:
+                raise utils.write_error(self.log_dir, e) from None
+        return self._writer
+
+    def __getattr__(self, name):  # add_scalar, flush, ...: only what is not defined here
+        return getattr(self._get(), name)
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()
+
+
+def make_writer(output_dir, model_id, fresh=False):
+    """TensorBoard writer on rank 0 (None elsewhere), created lazily (see LazySummaryWriter)."""
     if not distributed.is_main_process():
         return None
-    from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(log_dir=os.path.join(output_dir, f'tb_{model_id}'))
+    return LazySummaryWriter(os.path.join(output_dir, f'tb_{model_id}'), fresh=fresh)
+
+
+def run_file_names(model_id, epochs, start_epoch=0):
+    """Names of the checkpoints train.py writes in --output-dir over epochs [start_epoch, epochs):
+    what utils.guard_run_dir must not let a new run replace silently."""
+    names = [f'model_last_{model_id}.pth', f'model_best_{model_id}.pth']
+    for epoch in range(start_epoch, epochs):
+        path = checkpoint_paths('', model_id, epoch).get('epoch')
+        if path:
+            names.append(os.path.basename(path))
+    return names
+
+
+def estimate_checkpoint_bytes(modules, optimizer=None):
+    """Bytes a training checkpoint of `modules` takes: their state dicts plus AdamW's two (amsgrad:
+    three) moment tensors per optimized parameter, plus 1 MB for the rest."""
+    total = 1 << 20
+    for module in modules:
+        if module is not None:
+            total += sum(t.numel() * t.element_size() for t in unwrap(module).state_dict().values()
+                         if torch.is_tensor(t))
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            moments = 3 if group.get('amsgrad') else 2
+            total += moments * sum(p.numel() * p.element_size() for p in group['params'])
+    return total
+
+
+def check_checkpoint_space(output_dir, modules, optimizer=None, *, replaces=(), copies=3, flag='--output-dir'):
+    """One-line OutputError before the first step when `output_dir` has no room for `copies` checkpoints
+    (model_last, model_best and the temporary written before each rename) of this model; the files named
+    in `replaces` that are already there count as room. Call it once the optimizer exists (train.py,
+    stage scripts). -> the estimated size of one checkpoint."""
+    size = estimate_checkpoint_bytes(modules, optimizer)
+    if distributed.is_main_process():
+        replaced = sum(os.path.getsize(p) for p in (os.path.join(output_dir, n) for n in replaces)
+                       if os.path.isfile(p))
+        needed = max(size, copies * size - replaced)
+        utils.check_free_space(output_dir, needed, flag,
+                               f'{copies} checkpoints of about {utils.format_bytes(size)} (last, best and the '
+                               f'temporary copy written before each rename)')
+    return size
+
+
+def stage1_saver(make_state, output_dir, model_id):
+    """train.py's files: model_last every epoch, model_best when val oIoU improves, model_epoch_<N>."""
+    def save(epoch, summary, improved, best):
+        paths = save_epoch_checkpoints(make_state(epoch, best['oIoU']), output_dir, model_id, epoch,
+                                       'oIoU' in improved)
+        logger.info(f"saved {paths['last']}" + (' (best so far)' if 'oIoU' in improved else ''))
+    return save
 
 
 def fit(*, train_step, predict, train_loader, val_loader, optimizer, lr_scheduler, start_epoch, epochs,
-        best_oiou, device, make_state, output_dir, model_id, print_freq=10, amp=False, writer=None,
-        set_modes=None, after_step=None, on_best=None):
-    """Epoch loop shared by the training scripts: train, evaluate on val, save checkpoints.
+        device, save, best=None, print_freq=10, amp=False, writer=None, set_modes=None,
+        on_epoch_start=None, before_step=None, after_backward=None, after_step=None, val_desc='Val'):
+    """Epoch loop shared by the training scripts: train, evaluate, save.
 
-    make_state(epoch, best_oiou) -> checkpoint dict (called on every rank); set_modes(training) puts
-    the modules in train mode before each epoch and in eval mode before validation; on_best(epoch, summary) runs on every rank when val oIoU improves.
+    best: {metric: best value so far} of the validation metrics to track (default {'oIoU': -0.1}).
+    save(epoch, summary, improved, best) runs on every rank after validation (`improved`: the tracked
+    metrics that improved this epoch); set_modes(training) puts the modules in train mode before each
+    epoch and in eval mode before validation; on_epoch_start(epoch) runs before each epoch's first step;
+    before_step / after_backward / after_step go to `train_one_epoch`. Returns the updated `best`.
     """
     from lib.metrics import format_results
+    best = dict(best or {'oIoU': -0.1})
     steps_per_epoch = len(train_loader)
     for epoch in range(start_epoch, epochs):
         if hasattr(train_loader.sampler, 'set_epoch'):
             train_loader.sampler.set_epoch(epoch)
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
         if set_modes is not None:
             set_modes(True)
         t0 = time.time()
         loss = train_one_epoch(train_step, train_loader, optimizer, lr_scheduler, epoch, device=device,
-                               print_freq=print_freq, amp=amp, after_step=after_step, writer=writer,
+                               print_freq=print_freq, amp=amp, before_step=before_step,
+                               after_backward=after_backward, after_step=after_step, writer=writer,
                                global_step=epoch * steps_per_epoch)
         if set_modes is not None:
             set_modes(False)
-        summary = evaluate(predict, val_loader, device, desc=f'Val {epoch}').summary()
-        is_best = summary['oIoU'] > best_oiou
-        if is_best:
-            best_oiou = summary['oIoU']
-        logger.info(f'Epoch {epoch}: train loss {loss:.4f}, {time.time() - t0:.0f}s\n{format_results(summary)}')
+        summary = evaluate(predict, val_loader, device, desc=f'{val_desc} {epoch}').summary()
+        improved = {k for k in best if summary[k] > best[k]}
+        best.update({k: summary[k] for k in improved})
+        logger.info(f'Epoch {epoch}: train loss {loss:.4f}, {time.time() - t0:.0f}s ({val_desc.lower()})\n'
+                    f'{format_results(summary)}')
         if writer is not None:
             writer.add_scalar('val/oIoU', summary['oIoU'], epoch)
             writer.add_scalar('val/mIoU', summary['mIoU'], epoch)
             writer.add_scalar('train/epoch_loss', loss, epoch)
             writer.flush()
-        if is_best and on_best is not None:
-            on_best(epoch, summary)
-        paths = save_epoch_checkpoints(make_state(epoch, best_oiou), output_dir, model_id, epoch, is_best)
-        logger.info(f"saved {paths['last']}" + (' (best so far)' if is_best else ''))
-    return best_oiou
-
+        save(epoch, summary, improved, best)
+    return best
 
 
 # --- visualisation ---------------------------------------------------------------------------

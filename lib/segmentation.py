@@ -48,6 +48,8 @@ def build_backbone(pretrained, args, text_dim):
     if pretrained:
         print(f'Initializing Multi-modal Swin Transformer weights from {pretrained} (window size {window_size})')
         load_swin_pretrained(backbone, pretrained)
+    elif getattr(args, 'resume', ''):  # test.py, train.py --resume: the checkpoint overwrites every weight
+        print(f'Multi-modal Swin Transformer weights: from the checkpoint {args.resume} (loaded next)')
     else:
         print('Randomly initialize Multi-modal Swin Transformer weights.')
     return backbone

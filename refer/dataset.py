@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from utils import InputError
 
+from .check import available_cpus, check_split_data
 from .refer import REFER, category_id_of
 from .transforms import add_random_boxes, build_transform
 
@@ -68,7 +69,9 @@ def tokenize_sentences(tokenizer, sentences, max_tokens=20):
 
 class ReferDataset(Dataset):
     def __init__(self, refer, split, tokenizer, img_size, eval_mode=False, random_boxes=True,
-                 max_tokens=20, seed=0, transform=None, check_images=True):
+                 max_tokens=20, seed=0, transform=None, check_images=True, check_workers=0):
+        """check_images: before anything else, check every mask and image header of the split
+        (`refer.check.check_split_data`, on a pool of `check_workers` processes); False skips it."""
         if not isinstance(img_size, int) or img_size <= 0:
             raise InputError(f'--img_size must be a positive integer, got {img_size!r}')
         self.refer = refer
@@ -85,7 +88,7 @@ class ReferDataset(Dataset):
             if not ref['sentences']:
                 raise InputError(f"ref {ref['ref_id']} has no sentences in '{refer.refs_file}'")
         if check_images:
-            self._check_images(refs)
+            check_split_data(refer, refs, workers=check_workers, label=f"split '{split}'")
 
         # all sentences in one flat table; ref i owns rows offsets[i]:offsets[i + 1]
         raws = [sent['raw'] for ref in refs for sent in ref['sentences']]
@@ -100,13 +103,6 @@ class ReferDataset(Dataset):
         if random_boxes and split == 'train':
             n_boxed = int(len(self.ref_ids) * BOXED_FRACTION)
             self.boxed_ref_ids = frozenset(random.Random(seed).sample(self.ref_ids, n_boxed))
-
-    def _check_images(self, refs):
-        missing = [ref for ref in refs if not os.path.isfile(self.refer.image_path(ref))]
-        if missing:
-            more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
-            raise InputError(f"image file '{self.refer.image_path(missing[0])}' of ref "
-                             f"{missing[0]['ref_id']} not found{more}")
 
     def __len__(self):
         return len(self.ref_ids)
@@ -148,8 +144,12 @@ class ReferDataset(Dataset):
 
 
 def build_dataset(args, split, tokenizer, eval_mode, refer=None):
-    """ReferDataset from the shared command-line args; pass `refer` to reuse one REFER index."""
+    """ReferDataset from the shared command-line args; pass `refer` to reuse one REFER index.
+    Its data are checked up front on min(--workers, CPUs per local process) processes."""
     if refer is None:
         refer = REFER(args.refer_data_root, args.dataset, args.splitBy)
+    local_procs = max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1') or 1))
+    check_workers = min(getattr(args, 'workers', 0), max(1, available_cpus() // local_procs))
     return ReferDataset(refer, split, tokenizer, args.img_size, eval_mode=eval_mode,
-                        random_boxes=getattr(args, 'random_boxes', True), seed=getattr(args, 'seed', 0))
+                        random_boxes=getattr(args, 'random_boxes', True) and not eval_mode,
+                         seed=getattr(args, 'seed', 0), check_workers=check_workers)

@@ -11,7 +11,8 @@ with three differences that matter to users:
     global at all (`load_refs`); the real RRSIS-D file needs none,
   * every index is built in one linear pass,
   * bad data (missing files, a ref whose annotation or image is absent, a refs file that is not a
-    list of dicts) raises `utils.InputError` with one line naming the path or id at fault.
+    list of dicts, a malformed field) raises `utils.InputError` with one line naming the path, the id
+    and the field at fault (the field checks are in `refer.check`).
 """
 import io
 import json
@@ -25,6 +26,9 @@ from pycocotools import mask as mask_utils
 
 from utils import InputError
 
+from .check import REQUIRED_REF_KEYS, category_id_of, check_instances, check_ref_links, check_refs  # noqa: F401
+from .check import segmentation_problem
+
 # Datasets with a known image folder (relative to the data root). RRSIS-D and RIS-LAD are the
 # ones this project targets; the RefCOCO family is kept so the classic API keeps working.
 IMAGE_DIRS = {
@@ -35,16 +39,6 @@ IMAGE_DIRS = {
     'refcocog': 'images/mscoco/images/train2014',
     'refclef': 'images/saiapr_tc-12',
 }
-
-REQUIRED_REF_KEYS = ('ref_id', 'ann_id', 'image_id', 'split', 'sentences')
-
-
-def category_id_of(record):
-    """Class id of a ref or annotation: RRSIS-D annotations say `categories_id`, COCO `category_id`."""
-    if 'category_id' in record:
-        return record['category_id']
-    return record.get('categories_id')
-
 
 # ------------------------------------------------------------------------------------------------
 # Loading
@@ -81,22 +75,7 @@ def load_refs(path):
         raise InputError(f"refs file '{path}': {e}") from None
     except Exception as e:  # truncated or not a pickle at all
         raise InputError(f"refs file '{path}' is not a readable pickle ({type(e).__name__}: {e})") from None
-    if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
-        raise InputError(f"refs file '{path}' must hold a list of dicts, got {_describe(refs)}")
-    for i, ref in enumerate(refs):
-        missing = [k for k in REQUIRED_REF_KEYS if k not in ref]
-        if category_id_of(ref) is None:
-            missing.append('category_id')
-        if missing:
-            raise InputError(f"refs file '{path}': ref #{i} (ref_id {ref.get('ref_id')}) lacks {', '.join(missing)}")
-    return refs
-
-
-def _describe(obj):
-    if isinstance(obj, list):
-        bad = next(x for x in obj if not isinstance(x, dict))
-        return f'a list holding a {type(bad).__name__}'
-    return f'a {type(obj).__name__}'
+    return check_refs(refs, path)  # every field the scripts read, one line naming ref and field
 
 
 def load_instances(path):
@@ -107,12 +86,7 @@ def load_instances(path):
             instances = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"instances file '{path}' is not valid JSON ({e})") from None
-    if not isinstance(instances, dict):
-        raise InputError(f"instances file '{path}' must hold a JSON object, got {type(instances).__name__}")
-    for key in ('images', 'annotations', 'categories'):
-        if not isinstance(instances.get(key), list):
-            raise InputError(f"instances file '{path}' lacks a list '{key}'")
-    return instances
+    return check_instances(instances, path)  # lists of records with ids, file names, names
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,18 +143,13 @@ class REFER:
         for cat in self.data['categories']:
             Cats[cat['id']] = cat['name']
 
+        check_ref_links(self.data['refs'], Anns, self.refs_file, self.instances_file, Imgs, Cats)
         Refs, refToAnn, annToRef = {}, {}, {}
         imgToRefs, catToRefs = defaultdict(list), defaultdict(list)
         Sents, sentToRef, sentToTokens = {}, {}, {}
         for ref in self.data['refs']:
             ref_id, ann_id, image_id = ref['ref_id'], ref['ann_id'], ref['image_id']
             category_id = category_id_of(ref)
-            if ann_id not in Anns:
-                raise InputError(f"ref {ref_id}: annotation {ann_id} not found in '{self.instances_file}'")
-            if image_id not in Imgs:
-                raise InputError(f"ref {ref_id}: image {image_id} not found in '{self.instances_file}'")
-            if category_id not in Cats:
-                raise InputError(f"ref {ref_id}: category {category_id} not found in '{self.instances_file}'")
             Refs[ref_id] = ref
             refToAnn[ref_id] = Anns[ann_id]
             annToRef[ann_id] = ref
@@ -263,8 +232,9 @@ class REFER:
         """{'mask': uint8 [H, W] in {0, 1}, 'area': int} of the ref's annotation."""
         ann = self.refToAnn[ref['ref_id']]
         image = self.Imgs[ref['image_id']]
-        rle = segmentation_to_rle(ann['segmentation'], image.get('height'), image.get('width'),
-                                  where=f"annotation {ann['id']} of ref {ref['ref_id']}")
+        rle = segmentation_to_rle(ann.get('segmentation'), image.get('height'), image.get('width'),
+                                  where=f"instances file '{self.instances_file}': annotation {ann['id']} "
+                                        f"(ref {ref['ref_id']})")
         m = mask_utils.decode(rle).astype(np.uint8)  # [H, W]
         return {'mask': m, 'area': int(mask_utils.area(rle))}
 
@@ -279,22 +249,16 @@ def _split_matches(ref_split, split):
 
 def segmentation_to_rle(segmentation, height, width, where='annotation'):
     """One compressed RLE from polygons (list of flat xy lists), uncompressed RLE (counts list) or
-    compressed RLE (counts str/bytes). Several polygons are merged into one mask."""
+    compressed RLE (counts str/bytes). Several polygons are merged into one mask. What does not decode
+    to a height x width mask (see `check.segmentation_problem`) is an InputError naming `where`."""
+    problem = segmentation_problem(segmentation, height, width)
+    if problem:
+        raise InputError(f'{where}: {problem}')
     if isinstance(segmentation, dict):
-        size = segmentation.get('size')
-        counts = segmentation.get('counts')
-        if size is None or counts is None:
-            raise InputError(f'{where}: RLE segmentation needs size and counts')
+        size, counts = list(segmentation['size']), segmentation['counts']
         if isinstance(counts, list):  # uncompressed RLE
-            return mask_utils.frPyObjects(segmentation, *size)
+            return mask_utils.frPyObjects({'size': size, 'counts': counts}, *size)
         if isinstance(counts, str):
-            segmentation = {'size': size, 'counts': counts.encode('ascii')}
-        return segmentation
-    if isinstance(segmentation, list):
-        if height is None or width is None:
-            raise InputError(f'{where}: polygon segmentation needs the image height and width')
-        polygons = [p for p in segmentation if len(p) >= 6]
-        if not polygons:  # no area at all: an empty mask
-            return mask_utils.encode(np.zeros((height, width), dtype=np.uint8, order='F'))
-        return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-    raise InputError(f'{where}: segmentation must be polygons or RLE, got {type(segmentation).__name__}')
+            counts = counts.encode('ascii')
+        return {'size': size, 'counts': counts}
+    return mask_utils.merge(mask_utils.frPyObjects([list(p) for p in segmentation], height, width))

@@ -1,0 +1,410 @@
+"""Segment your own images from referring expressions with a trained checkpoint:
+
+    python predict.py --resume CKPT --image a.jpg b.png --expression "the storage tank at the top left" \
+        [--expression "the vehicle on the road" ...] --out DIR [--threshold 0.5] [--device cpu]
+
+Checkpoints: those of train.py ('model'), of stage 3 ('student_model') and of the original code, with or
+without `module.` prefixes, through the loader test.py uses (engine.load_checkpoint + load_model_and_bert).
+
+Model flags (--model, --swin_type, --img_size, --window12, --mha, --cross_scale, --ck_bert,
+--bert_tokenizer) are read from the checkpoint's stored `args` when it has them; a flag given on the
+command line wins. One log line says which value came from where. --device is not read from the
+checkpoint: without it, the first GPU if there is one, else the CPU.
+
+How an image is segmented (as the original LAVT demo does): the dataset's transform resizes it to
+img_size x img_size (bilinear) and normalizes it; one forward; foreground where the argmax of the two
+logits is 1 (as training and test.py), or where the foreground probability is > --threshold; the mask at
+the model's resolution is brought back to the image's own size by nearest neighbour (pixel centres,
+`nearest-exact`). Expressions are tokenized as in training: [CLS] ... [SEP], cut at 20 tokens (a warning
+says what the model reads). EXIF orientation is applied, so masks fit the image as viewers show it.
+
+No image forward is shared between expressions: RMSIN fuses the language into every stage of the visual
+backbone (PWAM), so nothing before the decoder is independent of the expression. What is shared: each image
+is decoded and resized once, and all (image, expression) pairs run through the network in batches of
+--batch-size pairs.
+
+Output in --out (built in a temporary folder and moved into place at the end, so the folder is complete or
+untouched; a non-empty --out is refused unless --overwrite), for image i (file stem S) and expression j:
+    S_e<j>_mask.png      binary mask at the image's size (0 background, 255 object)
+    S_e<j>_overlay.png   the image, the mask in red, the expression written below it
+    predictions.jsonl    one JSON line per pair, also printed on stdout once --out is in place:
+                         image, expression, mask, overlay, width, height, area (pixels), bbox ([x, y, w, h]
+                         as COCO, null when empty), mean_probability (mean foreground probability over the
+                         mask, null when empty), tokens, truncated
+"""
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import utils
+from lib import distributed, engine
+
+logger = logging.getLogger('lrb')
+
+MAX_TOKENS = 20  # as training: refer.dataset.ReferDataset's max_tokens
+MODEL_FLAGS = ('model', 'swin_type', 'img_size', 'window12', 'mha', 'cross_scale', 'ck_bert', 'bert_tokenizer')
+_UNSET = object()
+
+
+def get_parser():
+    """The shared parser plus the flags of predict.py."""
+    parser = utils.get_parser()
+    parser.description = 'Segment your own images from referring expressions with a trained checkpoint'
+    group = parser.add_argument_group('predict.py')
+    group.add_argument('--image', nargs='+', action='extend', default=[], metavar='IMG',
+                       help='image file(s), any size and aspect ratio')
+    group.add_argument('--expression', action='append', default=[], metavar='TEXT',
+                       help='referring expression (repeat the flag for several); every image gets every one')
+    group.add_argument('--out', default='', help='output folder for masks, overlays and predictions.jsonl')
+    if '--overwrite' not in parser._option_string_actions:  # the shared parser may already have it
+        group.add_argument('--overwrite', action='store_true', help='replace a non-empty --out')
+    group.add_argument('--threshold', type=float, default=None,
+                       help='foreground where its probability is > this (default: argmax, as training)')
+    return parser
+
+
+def parse_args(argv=None):
+    """-> (args, names of the flags given on the command line)."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    # a second parse on a namespace pre-filled with a marker: argparse sets defaults only for missing
+    # attributes, so a flag that still holds the marker was not given
+    marked = argparse.Namespace(**{name: _UNSET for name in MODEL_FLAGS + ('device',)})
+    given = {k for k, v in vars(parser.parse_args(argv, namespace=marked)).items() if v is not _UNSET}
+    return args, given
+
+
+# --- validation -------------------------------------------------------------------------------
+
+def open_image(path, flag='--image'):
+    """RGB PIL image, EXIF orientation applied, or a one-line InputError."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    try:
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image).convert('RGB')
+    except FileNotFoundError:
+        raise utils.InputError(f'{flag} {path}: file not found') from None
+    except IsADirectoryError:
+        raise utils.InputError(f'{flag} {path}: is a directory, not an image') from None
+    except UnidentifiedImageError:
+        raise utils.InputError(f'{flag} {path}: not an image file PIL can read') from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise utils.InputError(f'{flag} {path}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})') from None
+
+
+def check_image(path):
+    """Header only (cheap): the file exists and is an image. Decoding happens batch by batch."""
+    from PIL import Image, UnidentifiedImageError
+    if not os.path.exists(path):
+        raise utils.InputError(f'--image {path}: file not found')
+    if os.path.isdir(path):
+        raise utils.InputError(f'--image {path}: is a directory, not an image')
+    try:
+        with Image.open(path) as image:
+            w, h = image.size
+    except UnidentifiedImageError:
+        raise utils.InputError(f'--image {path}: not an image file PIL can read') from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise utils.InputError(f'--image {path}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})') from None
+    if w < 1 or h < 1:
+        raise utils.InputError(f'--image {path}: empty image ({w} x {h})')
+
+
+def validate_args(args):
+    """Checks that need neither the checkpoint nor the model."""
+    if not args.resume:
+        raise utils.InputError('--resume: give the checkpoint to predict with')
+    if not args.image:
+        raise utils.InputError('--image: give at least one image')
+    if not args.expression:
+        raise utils.InputError('--expression: give at least one expression')
+    if not args.out:
+        raise utils.InputError('--out: give the folder for masks, overlays and predictions.jsonl')
+    for j, text in enumerate(args.expression):
+        if not text.strip():
+            raise utils.InputError(f'--expression {j + 1} of {len(args.expression)}: empty')
+    if args.threshold is not None and not (0.0 <= args.threshold < 1.0):
+        raise utils.InputError(f'--threshold {args.threshold}: must be in [0, 1)')
+    if args.batch_size < 1:
+        raise utils.InputError(f'--batch-size {args.batch_size}: must be >= 1')
+    if distributed.launch_world_size() > 1:
+        raise utils.InputError('predict.py runs in one process: start it with python, not torchrun')
+    for path in args.image:
+        check_image(path)
+
+
+# --- model flags: command line, else checkpoint, else default --------------------------------------
+
+def stored_model_flags(checkpoint):
+    """Model flags of the checkpoint's stored args (dict or Namespace); {} when it has none."""
+    stored = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+    if stored is None:
+        return {}
+    try:
+        stored = engine.args_to_dict(stored)
+    except (TypeError, ValueError):
+        return {}
+    flags = {k: stored[k] for k in MODEL_FLAGS if stored.get(k) is not None}
+    # the original infers window 12 from the Swin weights' file name at training time
+    if 'window12' in str(stored.get('pretrained_swin_weights') or ''):
+        flags['window12'] = True
+    return flags
+
+
+def resolve_model_flags(args, given, stored):
+    """Fill args' model flags from the checkpoint where the command line did not set them.
+    -> one line saying which value came from where."""
+    groups = {'command line': [], 'checkpoint': [], 'default': []}
+    for name in MODEL_FLAGS:
+        if name in given:
+            note = f' (checkpoint: {stored[name]!r})' if name in stored and stored[name] != getattr(args, name) else ''
+            groups['command line'].append(f'{name}={getattr(args, name)!r}{note}')
+        elif name in stored:
+            setattr(args, name, stored[name])
+            groups['checkpoint'].append(f'{name}={stored[name]!r}')
+        else:
+            groups['default'].append(f'{name}={getattr(args, name)!r}')
+    if 'device' in given:
+        groups['command line'].append(f'device={args.device!r}')
+    else:
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        groups.setdefault('auto', []).append(f'device={args.device!r}')
+    if not stored:
+        groups['default'].append('(the checkpoint stores no args)')
+    return 'model flags: ' + '; '.join(f'from {src}: {", ".join(items)}' if src != 'default'
+                                        else f'defaults: {", ".join(items)}'
+                                        for src, items in groups.items() if items)
+
+
+def validate_model_flags(args):
+    if not isinstance(args.img_size, int) or args.img_size < 32 or args.img_size % 32:
+        raise utils.InputError(f'--img_size {args.img_size}: must be a positive multiple of 32')
+
+
+# --- the forward ---------------------------------------------------------------------------------
+
+class Predictor:
+    """(images [B, 3, S, S] normalized, token ids [B, 20], mask [B, 20]) -> foreground probability and
+    mask [B, S, S], through engine.predict_fn: the forward test.py evaluates with."""
+
+    def __init__(self, model, bert, tokenizer, img_size, device, threshold=None, amp=False):
+        from refer.transforms import build_transform
+        self.forward = engine.predict_fn(model, bert, amp)
+        self.tokenizer, self.device, self.threshold = tokenizer, device, threshold
+        self.img_size = img_size
+        self.transform = build_transform(img_size)
+
+    def encode(self, expressions):
+        """-> input_ids, attention_mask [E, 20] as training, and each expression's token count before the cut."""
+        from refer.dataset import encode_batch, tokenize_sentences
+        input_ids, attention_mask = tokenize_sentences(self.tokenizer, list(expressions), MAX_TOKENS)
+        lengths = [len(ids) for ids in encode_batch(self.tokenizer, list(expressions))]
+        return input_ids, attention_mask, lengths
+
+    def image_tensor(self, image):
+        """PIL RGB -> [3, S, S], the dataset's own transform (it transforms image and target together)."""
+        from PIL import Image
+        tensor, _ = self.transform(image, Image.new('L', image.size))
+        return tensor
+
+    @torch.no_grad()
+    def __call__(self, images, input_ids, attention_mask):
+        batch = engine.to_device({'image': images, 'input_ids': input_ids, 'attention_mask': attention_mask},
+                                 self.device)
+        logits = self.forward(batch).float()
+        prob = logits.softmax(1)[:, 1]
+        mask = logits.argmax(1).bool() if self.threshold is None else prob > self.threshold
+        return prob.cpu(), mask.cpu()
+
+
+def to_image_size(x, height, width):
+    """[S, S] -> [height, width], nearest neighbour on pixel centres."""
+    return F.interpolate(x[None, None].float(), size=(height, width), mode='nearest-exact')[0, 0]
+
+
+def mask_stats(mask, prob):
+    """mask bool [H, W], prob [H, W] -> area, COCO bbox [x, y, w, h] or None, mean probability or None."""
+    area = int(mask.sum())
+    if area == 0:
+        return 0, None, None
+    rows = torch.nonzero(mask.any(1)).flatten()
+    cols = torch.nonzero(mask.any(0)).flatten()
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+    return area, [x0, y0, x1 - x0 + 1, y1 - y0 + 1], float(prob[mask].double().mean())
+
+
+# --- drawing ---------------------------------------------------------------------------------------
+
+def _font(size):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def draw_overlay(image, mask, text, min_side=256):
+    """The image with the mask tinted red (as engine.save_overlay) and outlined, the expression written
+    in a band below. Small images are enlarged (nearest) to stay readable. -> PIL image."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+    rgb = np.asarray(image, dtype=np.float32).copy()
+    m = mask.numpy().astype(bool)
+    rgb[m] = 0.5 * rgb[m] + 0.5 * np.array((255, 0, 0), dtype=np.float32)
+    inner = m.copy()  # outline: mask pixels with a 4-neighbour outside the mask
+    inner[1:] &= m[:-1]
+    inner[:-1] &= m[1:]
+    inner[:, 1:] &= m[:, :-1]
+    inner[:, :-1] &= m[:, 1:]
+    rgb[m & ~inner] = (255, 32, 32)
+    h, w = m.shape
+    scale = max(1, -(-min_side // max(h, w)))
+    h, w = h * scale, w * scale
+    picture = Image.fromarray(rgb.round().astype(np.uint8)).resize((w, h), Image.NEAREST)
+    size = max(12, min(48, w // 28))
+    font = _font(size)
+    lines = textwrap.wrap(f'"{text}"', width=max(12, int(w / (0.55 * size)))) or ['""']
+    line_h = int(size * 1.3)
+    panel = Image.new('RGB', (w, h + line_h * len(lines) + size // 2), (255, 255, 255))
+    panel.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(panel)
+    for k, line in enumerate(lines):
+        draw.text((size // 3, h + size // 4 + line_h * k), line, fill=(0, 0, 0), font=font)
+    return panel
+
+
+# --- run ---------------------------------------------------------------------------------------------
+
+def output_stems(paths):
+    """File stems, made unique (a/x.png and b/x.jpg -> x, x-2)."""
+    seen, stems = {}, []
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0] or 'image'
+        seen[stem] = seen.get(stem, 0) + 1
+        stems.append(stem if seen[stem] == 1 else f'{stem}-{seen[stem]}')
+    return stems
+
+
+def pair_batches(predictor, paths, num_expressions, batch_size):
+    """(image index, expression index, PIL image, image tensor) in batches of `batch_size` pairs, image-major.
+    Each image is decoded and transformed once, and held only while a batch needs it."""
+    batch = []
+    for i, path in enumerate(paths):
+        image = open_image(path)
+        tensor = predictor.image_tensor(image)
+        for j in range(num_expressions):
+            batch.append((i, j, image, tensor))
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def predict_all(predictor, paths, expressions, out_dir, batch_size=8):
+    """Every (image, expression) pair -> files in out_dir; returns the records (one per pair)."""
+    input_ids, attention_mask, lengths = predictor.encode(expressions)
+    stems = output_stems(paths)
+    total, done, records = len(paths) * len(expressions), 0, []
+    for batch in pair_batches(predictor, paths, len(expressions), batch_size):
+        images = torch.stack([t for _, _, _, t in batch])
+        js = torch.tensor([j for _, j, _, _ in batch])
+        prob, mask = predictor(images, input_ids[js], attention_mask[js])
+        for k, (i, j, image, _) in enumerate(batch):
+            width, height = image.size
+            full_prob = to_image_size(prob[k], height, width)
+            full_mask = to_image_size(mask[k], height, width).bool()
+            area, bbox, mean_prob = mask_stats(full_mask, full_prob)
+            name = f'{stems[i]}_e{j}'
+            write_png(out_dir / f'{name}_mask.png', full_mask.numpy().astype(np.uint8) * 255)
+            write_png(out_dir / f'{name}_overlay.png', draw_overlay(image, full_mask, expressions[j]))
+            records.append({'image': str(paths[i]), 'expression': expressions[j], 'mask': f'{name}_mask.png',
+                            'overlay': f'{name}_overlay.png', 'width': width, 'height': height, 'area': area,
+                            'bbox': bbox, 'mean_probability': mean_prob, 'tokens': lengths[j],
+                            'truncated': lengths[j] > MAX_TOKENS})
+        done += len(batch)
+        logger.info(f'{done}/{total} (image, expression) pairs')
+    return records
+
+
+def write_png(path, picture):
+    from PIL import Image
+    if isinstance(picture, np.ndarray):
+        picture = Image.fromarray(picture)
+    with utils.atomic_file(path) as tmp:
+        picture.save(tmp, format='PNG')
+
+
+def warn_truncated(predictor, expressions, lengths):
+    for j, (text, n) in enumerate(zip(expressions, lengths)):
+        if n > MAX_TOKENS:
+            kept = predictor.tokenizer.decode(predictor.encode([text])[0][0].tolist(), skip_special_tokens=True)
+            logger.warning(f'warning: --expression {j + 1} has {n} tokens with [CLS]/[SEP]; cut to {MAX_TOKENS} as in '
+                           f'training, so the model reads: "{kept}"')
+
+
+def build(args, checkpoint):
+    """Tokenizer, model and BERT with the checkpoint's weights, on args.device, in eval mode."""
+    from bert.encoder import load_tokenizer
+    tokenizer = load_tokenizer(args.bert_tokenizer)
+    with contextlib.redirect_stdout(sys.stderr):  # the model builder prints; stdout is for JSON lines
+        model, bert = engine.build_model(args, pretrained='')
+    key = engine.load_model_and_bert(checkpoint, model, bert, key=args.weights_key, source=args.resume)
+    model.eval()
+    if bert is not None:
+        bert.eval()
+    return tokenizer, model, bert, key
+
+
+def main(argv=None):
+    args, given = parse_args(argv)
+    validate_args(args)
+    distributed.setup_logging(0)
+    return run(args, given)
+
+
+def run(args, given):
+    from pathlib import Path
+    with utils.atomic_output_dir(args.out, args.overwrite, '--out') as tmp:
+        checkpoint = engine.load_checkpoint(args.resume, trust=args.trust_checkpoint)
+        engine.pick_model_state(checkpoint, args.weights_key, args.resume)  # fail before building anything
+        stored = stored_model_flags(checkpoint)
+        logger.info(resolve_model_flags(args, given, stored))
+        validate_model_flags(args)
+        env = distributed.init_distributed(args.device)
+        try:
+            tokenizer, model, bert, key = build(args, checkpoint)
+        except utils.InputError as e:
+            from_ckpt = [f for f in ('ck_bert', 'bert_tokenizer') if f in stored and f not in given]
+            if from_ckpt and 'BERT' in str(e):
+                raise utils.InputError(f'{e} ({" and ".join(from_ckpt)} came from the checkpoint\'s stored args; '
+                                       f'pass --{" / --".join(from_ckpt)} to point at the BERT folder)') from None
+            raise
+        del checkpoint
+        model.to(env.device)
+        if bert is not None:
+            bert.to(env.device)
+        logger.info(f"{args.resume} ('{key}'): {len(args.image)} image(s) x {len(args.expression)} expression(s) "
+                    f'on {env.device}, {args.img_size} px, batches of {args.batch_size} pairs')
+        predictor = Predictor(model, bert, tokenizer, args.img_size, env.device, args.threshold, args.amp)
+        warn_truncated(predictor, args.expression, predictor.encode(args.expression)[2])
+        records = predict_all(predictor, args.image, args.expression, Path(tmp), args.batch_size)
+        lines = [json.dumps(r) for r in records]
+        with utils.atomic_file(Path(tmp) / 'predictions.jsonl') as f:
+            f.write_text(''.join(line + '\n' for line in lines))
+    for line in lines:
+        print(line, flush=True)
+    logger.info(f'{len(records)} masks and overlays written to {args.out}')
+    return records
+
+
+if __name__ == '__main__':
+    utils.run_cli(main)

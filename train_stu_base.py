@@ -1,0 +1,113 @@
+"""LRB-WREL stage 2: learn the reference bank through the frozen stage-1 teacher.
+
+The teacher (RMSIN + BERT of --resume's 'model' / 'bert_model') is frozen; only the bank learns: one
+[20, D] block of prompt embeddings per train ref of the mask data root, placed in the padding slots of
+its class-name tokens. As the original command:
+
+    torchrun --nproc_per_node=4 train_stu_base.py --dataset rrsisd --model_id RMSIN \
+        --refer_data_root splits/rrsisd-90-mask --epochs 40 --img_size 480 --lr 1e-5 \
+        --resume checkpoints/model_epoch_15.pth --ck_bert BERT_DIR --bert_tokenizer BERT_DIR
+
+After each epoch, teacher + bank are evaluated on the weak train refs (every sentence, no occlusion
+boxes); the best bank (oIoU) goes to `caption_embeddings_<model_id>.pt`, the original's format.
+`model_last_<model_id>.pth` holds the bank, its optimizer and schedule, the teacher (its BatchNorm
+statistics move: RMSIN runs in train mode, as the original) and the RNG states, so `--resume` of that
+file continues an interrupted stage 2 exactly.
+"""
+import logging
+import os
+
+import utils
+from lib import distributed, engine, lrb
+from lib.losses import build_criterion
+
+logger = logging.getLogger('lrb')
+
+STAGE = 2
+
+
+def main(argv=None):
+    return engine.launch(run, argv, validate=validate_args)
+
+
+def validate_args(args):
+    batch_size = engine.validate_training_args(args)
+    if not args.resume:
+        raise utils.InputError('--resume: give the stage-1 checkpoint (the teacher, e.g. model_epoch_15.pth) '
+                               'or a stage-2 model_last_<id>.pth to continue')
+    lrb.check_lavt(args)
+    return batch_size
+
+
+def run(args, env, batch_size):
+    engine.start_run(args, env, batch_size)
+    checkpoint = engine.load_checkpoint(args.resume, trust=args.trust_checkpoint)
+    resuming = lrb.checkpoint_stage(checkpoint) == STAGE
+    train_set, _, train_loader, val_loader = engine.build_data(args, env, batch_size, val_split='train')
+    weak = lrb.weak_ref_ids(train_set)
+    if not weak:
+        raise utils.InputError(f'--refer_data_root {args.refer_data_root}: no weak (class-name) train refs; '
+                               f'stage 2 needs the mask data root of mask_train_only.py (<dataset>-XX-mask)')
+    if len(weak) < len(train_set):
+        logger.warning(f'{len(train_set) - len(weak)} of the {len(train_set)} train refs have accurate '
+                       f'expressions; the bank learns rows for all of them, as the original (the mask data '
+                       f'root holds weak refs only)')
+
+    model, bert = engine.build_model(args, pretrained='')
+    engine.load_model_and_bert(checkpoint, model, bert, key='model', source=args.resume)
+    for p in list(model.parameters()) + list(bert.parameters()):
+        p.requires_grad_(False)
+    if resuming:
+        bank = lrb.ReferenceBank.from_state(checkpoint.get('caption_bank'), f'--resume {args.resume}')
+    else:
+        bank = lrb.ReferenceBank(train_set.ref_ids, lrb.N_PROMPT, bert.config.hidden_size)
+    bank.check_dim(bert.config.hidden_size, f'--resume {args.resume}')
+    bank.check_covers(train_set, f'--resume {args.resume}')
+    model.to(env.device)
+    bert.to(env.device)
+    bank.to(env.device)
+    model = engine.wrap_for_distributed(model, env)  # SyncBatchNorm on GPUs: its statistics move, as the original
+    logger.info(f'teacher {args.resume} frozen; bank of {len(bank)} refs x {bank.n_prompt} x {bank.dim} '
+                f'({bank.embedding.numel() * 4 / 2 ** 20:.1f} MiB)')
+
+    optimizer = lrb.build_bank_optimizer(bank, args.lr, args)
+    lr_scheduler = engine.build_poly_scheduler(optimizer, len(train_loader) * args.epochs)
+    start_epoch, best = 0, {'oIoU': -0.1}
+    if resuming:
+        start_epoch, best['oIoU'] = engine.restore_training_state(checkpoint, optimizer, lr_scheduler, args.resume)
+        logger.info(f'resumed stage 2 from {args.resume}: continuing at epoch {start_epoch}')
+    del checkpoint
+    end_epoch = engine.end_epoch(args, start_epoch)
+    if end_epoch is None:
+        return
+
+    stage = lrb.Stage2Bank(model, bert, bank, build_criterion().to(env.device))
+
+    def set_modes(training):
+        model.train(training)  # drop-path and BatchNorm statistics active while the bank learns
+        bert.eval()
+
+    def save(epoch, summary, improved, best):
+        state = engine.training_checkpoint(model, bert, optimizer, lr_scheduler, epoch, args, best['oIoU'],
+                                           caption_bank=bank.state(), lrb_stage=STAGE)
+        last = os.path.join(args.output_dir, f'model_last_{args.model_id}.pth')
+        engine.save_checkpoint(state, last)
+        if 'oIoU' in improved:
+            bank.save(lrb.bank_path(args.output_dir, args.model_id))
+        logger.info(f'saved {last}' + (f' and the best bank {lrb.bank_path(args.output_dir, args.model_id)}'
+                                       if 'oIoU' in improved else ''))
+
+    writer = engine.make_writer(args.output_dir, args.model_id)
+    engine.fit(train_step=stage.step, predict=lrb.bank_predict_fn(model, bert, bank, args.amp),
+               train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, lr_scheduler=lr_scheduler,
+               start_epoch=start_epoch, epochs=end_epoch, best=best, device=env.device, save=save,
+               print_freq=args.print_freq, amp=args.amp, writer=writer, set_modes=set_modes,
+               after_backward=stage.after_backward, on_epoch_start=lambda e: lrb.check_bank_in_sync(bank),
+               val_desc='Weak train')
+    lrb.check_bank_in_sync(bank)
+    if writer is not None:
+        writer.close()
+
+
+if __name__ == '__main__':
+    utils.run_cli(main)

@@ -1,0 +1,152 @@
+"""LRB-WREL stage 3: the student trains on accurate + weak expressions while the bank keeps learning
+through an EMA teacher. As the original command:
+
+    torchrun --nproc_per_node=4 train_stu_tea.py --dataset rrsisd --model_id RMSIN \
+        --refer_data_root splits/rrsisd-90-all --epochs 40 --img_size 480 --lr 2e-5 \
+        --caption_lr 1e-6 --caption_inner_steps 1 --caption_update_every 1 \
+        --resume checkpoints/model_epoch_15.pth --caption_embedding_path stage2/caption_embeddings_RMSIN.pt \
+        --ck_bert BERT_DIR --bert_tokenizer BERT_DIR
+
+Student and teacher start from --resume's 'model' (BERT from its 'bert_model'), the bank from stage 2's
+file (its ref ids are the weak set). Each iteration: `--caption_inner_steps` bank steps through the
+frozen teacher on the batch's weak samples (every `--caption_update_every` iterations, when any process
+has a weak sample), one student step on the whole batch with the weak samples filled from the bank,
+then teacher <- EMA of the student's parameters. The student is validated on val (accurate expressions,
+no bank). Files: model_best_oIoU_<id>.pth, model_best_mIoU_<id>.pth (and their banks
+caption_embeddings_<id>_oIoU_best.pt / _mIoU_best.pt), model_last_<id>.pth (everything needed to
+continue with --resume).
+"""
+import copy
+import logging
+import math
+import os
+
+import torch
+
+import utils
+from lib import distributed, engine, lrb
+from lib.losses import build_criterion
+
+logger = logging.getLogger('lrb')
+
+STAGE = 3
+
+
+def main(argv=None):
+    return engine.launch(run, argv, validate=validate_args)
+
+
+def validate_args(args):
+    batch_size = engine.validate_training_args(args)
+    for flag in ('caption_inner_steps', 'caption_update_every'):
+        if getattr(args, flag) < 1:
+            raise utils.InputError(f'--{flag} {getattr(args, flag)}: must be >= 1')
+    if not math.isfinite(args.caption_lr) or args.caption_lr <= 0:
+        raise utils.InputError(f'--caption_lr {args.caption_lr}: must be a positive number')
+    if not args.resume:
+        raise utils.InputError('--resume: give the stage-1 checkpoint (student and teacher start from it) '
+                               'or a stage-3 model_last_<id>.pth to continue')
+    lrb.check_lavt(args)
+    return batch_size
+
+
+def run(args, env, batch_size):
+    engine.start_run(args, env, batch_size)
+    checkpoint = engine.load_checkpoint(args.resume, trust=args.trust_checkpoint)
+    resuming = lrb.checkpoint_stage(checkpoint) == STAGE
+    if resuming:
+        bank = lrb.ReferenceBank.from_state(checkpoint.get('caption_bank'), f'--resume {args.resume}')
+        bank_source = f'--resume {args.resume}'
+    else:
+        if not args.caption_embedding_path:
+            raise utils.InputError('--caption_embedding_path: give the stage-2 bank (caption_embeddings_<id>.pt)')
+        bank = lrb.ReferenceBank.from_file(args.caption_embedding_path)
+        bank_source = f'--caption_embedding_path {args.caption_embedding_path}'
+    train_set, _, train_loader, val_loader = engine.build_data(args, env, batch_size)
+
+    student, bert = engine.build_model(args, pretrained='')
+    bank.check_dim(bert.config.hidden_size, bank_source)
+    bank.check_covers(train_set, bank_source)
+    engine.load_model_and_bert(checkpoint, student, bert, key='student_model' if resuming else 'model',
+                               source=args.resume)
+    teacher = copy.deepcopy(student)
+    if resuming:
+        engine.load_weights(teacher, checkpoint['teacher_model'], args.resume, 'teacher_model')
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    is_weak = torch.tensor([r in bank.sample_id_to_index for r in train_set.ref_ids])
+    logger.info(f'{int(is_weak.sum())} of {len(train_set)} train refs are weak; bank of {len(bank)} refs from '
+                f'{bank_source}')
+
+    groups = engine.build_param_groups(student, bert)
+    engine.freeze_unoptimized({'model': student, 'bert': bert}, groups)
+    for module in (student, teacher, bert, bank):
+        module.to(env.device)
+    find_unused = False
+    if env.distributed:
+        find_unused = bool(engine.find_unused_parameters(
+            [student, bert], engine.dummy_forward(student, bert, args.img_size, env.device)))
+    ddp_student = engine.wrap_for_distributed(student, env, find_unused)
+    ddp_bert = engine.wrap_for_distributed(bert, env, find_unused)
+
+    optimizer = engine.build_optimizer(groups, args)
+    lr_scheduler = engine.build_poly_scheduler(optimizer, len(train_loader) * args.epochs)
+    total_bank_steps = lrb.count_bank_steps(is_weak, batch_size, env.world_size, args.seed, args.epochs,
+                                            args.caption_update_every, args.caption_inner_steps)
+    bank_optimizer = lrb.build_bank_optimizer(bank, args.caption_lr, args)
+    bank_scheduler = engine.build_poly_scheduler(bank_optimizer, total_bank_steps)
+    logger.info(f'{total_bank_steps} bank steps in {args.epochs} epochs of {len(train_loader)} iterations')
+    start_epoch, best = 0, {'oIoU': -0.1, 'mIoU': -0.1}
+    if resuming:
+        start_epoch, best['oIoU'] = engine.restore_training_state(checkpoint, optimizer, lr_scheduler, args.resume)
+        best['mIoU'] = float(checkpoint.get('best_miou', -0.1))
+        bank_optimizer.load_state_dict(checkpoint['bank_optimizer'])
+        bank_scheduler.load_state_dict(checkpoint['bank_lr_scheduler'])
+        logger.info(f'resumed stage 3 from {args.resume}: continuing at epoch {start_epoch}')
+    del checkpoint
+    end_epoch = engine.end_epoch(args, start_epoch)
+    if end_epoch is None:
+        return
+
+    joint = lrb.Stage3Joint(ddp_student, teacher, ddp_bert, bank, build_criterion().to(env.device),
+                            bank_optimizer, bank_scheduler, inner_steps=args.caption_inner_steps,
+                            update_every=args.caption_update_every, is_weak=is_weak, batch_size=batch_size,
+                            world_size=env.world_size, seed=args.seed, steps_per_epoch=len(train_loader),
+                            amp=args.amp)
+
+    def set_modes(training):
+        ddp_student.train(training)
+        teacher.eval()  # frozen; BatchNorm statistics stay as loaded
+        bert.eval()  # the separate BERT never leaves eval mode (no dropout), as the original
+
+    def on_epoch_start(epoch):
+        lrb.check_bank_in_sync(bank)
+        joint.on_epoch_start(epoch)
+
+    def save(epoch, summary, improved, best):
+        state = engine.training_checkpoint(
+            student, bert, optimizer, lr_scheduler, epoch, args, best['oIoU'], model_key='student_model',
+            teacher_model=teacher.state_dict(), caption_bank=bank.state(), bank_optimizer=bank_optimizer.state_dict(),
+            bank_lr_scheduler=bank_scheduler.state_dict(), best_miou=best['mIoU'], lrb_stage=STAGE)
+        last = os.path.join(args.output_dir, f'model_last_{args.model_id}.pth')
+        engine.save_checkpoint(state, last)
+        for metric in sorted(improved):
+            engine.copy_atomic(last, os.path.join(args.output_dir, f'model_best_{metric}_{args.model_id}.pth'))
+            bank.save(lrb.bank_path(args.output_dir, args.model_id, f'{metric}_best'))
+        logger.info(f'saved {last}' + (f' (best {", ".join(sorted(improved))})' if improved else ''))
+
+    writer = engine.make_writer(args.output_dir, args.model_id)
+    engine.fit(train_step=joint.step, predict=engine.predict_fn(student, bert, args.amp),
+               train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, lr_scheduler=lr_scheduler,
+               start_epoch=start_epoch, epochs=end_epoch, best=best, device=env.device, save=save,
+               print_freq=args.print_freq, amp=args.amp, writer=writer, set_modes=set_modes,
+               on_epoch_start=on_epoch_start, before_step=joint.before_step, after_step=joint.after_step)
+    lrb.check_bank_in_sync(bank)
+    logger.info(f'{joint.bank_steps_taken} bank steps taken in this run; schedule at '
+                f'{bank_scheduler.last_epoch} of {total_bank_steps}')
+    if writer is not None:
+        writer.close()
+
+
+if __name__ == '__main__':
+    utils.run_cli(main)
