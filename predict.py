@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -83,44 +84,30 @@ def parse_args(argv=None):
 
 # --- validation -------------------------------------------------------------------------------
 
-def open_image(path, flag='--image'):
-    """RGB PIL image, EXIF orientation applied, or a one-line InputError."""
+def open_image(path, decode=True):
+    """RGB PIL image with its EXIF orientation applied; with decode=False only (width, height) from the
+    header (cheap). A missing or unreadable file is a one-line InputError."""
     from PIL import Image, ImageOps, UnidentifiedImageError
-    try:
-        with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert('RGB')
-    except FileNotFoundError:
-        raise utils.InputError(f'{flag} {path}: file not found') from None
-    except IsADirectoryError:
-        raise utils.InputError(f'{flag} {path}: is a directory, not an image') from None
-    except UnidentifiedImageError:
-        raise utils.InputError(f'{flag} {path}: not an image file PIL can read') from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise utils.InputError(f'{flag} {path}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})') from None
-
-
-def check_image(path):
-    """Header only (cheap): the file exists and is an image. Decoding happens batch by batch."""
-    from PIL import Image, UnidentifiedImageError
-    if not os.path.exists(path):
-        raise utils.InputError(f'--image {path}: file not found')
     if os.path.isdir(path):
         raise utils.InputError(f'--image {path}: is a directory, not an image')
     try:
         with Image.open(path) as image:
-            w, h = image.size
+            if not decode:
+                return image.size
+            return ImageOps.exif_transpose(image).convert('RGB')
+    except FileNotFoundError:
+        raise utils.InputError(f'--image {path}: file not found') from None
     except UnidentifiedImageError:
         raise utils.InputError(f'--image {path}: not an image file PIL can read') from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise utils.InputError(f'--image {path}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})') from None
-    if w < 1 or h < 1:
-        raise utils.InputError(f'--image {path}: empty image ({w} x {h})')
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise utils.InputError(f'--image {path}: cannot be read ({cause})') from None
 
 
 def validate_args(args):
     """Checks that need neither the checkpoint nor the model."""
-    if not args.resume:
-        raise utils.InputError('--resume: give the checkpoint to predict with')
+    utils.check_flag_values(args, ('batch_size',))  # --img_size once the checkpoint's args are known
+    utils.check_input_file(args.resume, '--resume')
     if not args.image:
         raise utils.InputError('--image: give at least one image')
     if not args.expression:
@@ -132,12 +119,10 @@ def validate_args(args):
             raise utils.InputError(f'--expression {j + 1} of {len(args.expression)}: empty')
     if args.threshold is not None and not (0.0 <= args.threshold < 1.0):
         raise utils.InputError(f'--threshold {args.threshold}: must be in [0, 1)')
-    if args.batch_size < 1:
-        raise utils.InputError(f'--batch-size {args.batch_size}: must be >= 1')
     if distributed.launch_world_size() > 1:
         raise utils.InputError('predict.py runs in one process: start it with python, not torchrun')
     for path in args.image:
-        check_image(path)
+        open_image(path, decode=False)  # decoding happens batch by batch
 
 
 # --- model flags: command line, else checkpoint, else default --------------------------------------
@@ -161,31 +146,30 @@ def stored_model_flags(checkpoint):
 def resolve_model_flags(args, given, stored):
     """Fill args' model flags from the checkpoint where the command line did not set them.
     -> one line saying which value came from where."""
-    groups = {'command line': [], 'checkpoint': [], 'default': []}
+    groups = {'from the command line': [], 'from the checkpoint': [], 'defaults': []}
     for name in MODEL_FLAGS:
         if name in given:
             note = f' (checkpoint: {stored[name]!r})' if name in stored and stored[name] != getattr(args, name) else ''
-            groups['command line'].append(f'{name}={getattr(args, name)!r}{note}')
+            groups['from the command line'].append(f'{name}={getattr(args, name)!r}{note}')
         elif name in stored:
             setattr(args, name, stored[name])
-            groups['checkpoint'].append(f'{name}={stored[name]!r}')
+            groups['from the checkpoint'].append(f'{name}={stored[name]!r}')
         else:
-            groups['default'].append(f'{name}={getattr(args, name)!r}')
+            groups['defaults'].append(f'{name}={getattr(args, name)!r}')
     if 'device' in given:
-        groups['command line'].append(f'device={args.device!r}')
+        groups['from the command line'].append(f'device={args.device!r}')
     else:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-        groups.setdefault('auto', []).append(f'device={args.device!r}')
+        groups['chosen'] = [f"device={args.device!r} ({'a GPU is' if args.device == 'cuda' else 'no GPU'} here)"]
     if not stored:
-        groups['default'].append('(the checkpoint stores no args)')
-    return 'model flags: ' + '; '.join(f'from {src}: {", ".join(items)}' if src != 'default'
-                                        else f'defaults: {", ".join(items)}'
-                                        for src, items in groups.items() if items)
+        groups['defaults'].append('(the checkpoint stores no args)')
+    return 'model flags ' + '; '.join(f'{src}: {", ".join(items)}' for src, items in groups.items() if items)
 
 
 def validate_model_flags(args):
-    if not isinstance(args.img_size, int) or args.img_size < 32 or args.img_size % 32:
-        raise utils.InputError(f'--img_size {args.img_size}: must be a positive multiple of 32')
+    if not isinstance(args.img_size, int):
+        raise utils.InputError(f'--img_size {args.img_size!r}: must be a positive multiple of 32')
+    utils.check_flag_values(args, ('img_size',))
 
 
 # --- the forward ---------------------------------------------------------------------------------
@@ -372,7 +356,6 @@ def main(argv=None):
 
 
 def run(args, given):
-    from pathlib import Path
     with utils.atomic_output_dir(args.out, args.overwrite, '--out') as tmp:
         checkpoint = engine.load_checkpoint(args.resume, trust=args.trust_checkpoint)
         engine.pick_model_state(checkpoint, args.weights_key, args.resume)  # fail before building anything

@@ -65,7 +65,7 @@ def run(args, env, batch_size):
     bank.check_covers(train_set, f'--resume {args.resume}')
     model.to(env.device)
     bert.to(env.device)
-    bank.to(env.device)
+    bank.to(env.device).broadcast_()
     model = engine.wrap_for_distributed(model, env)  # SyncBatchNorm on GPUs: its statistics move, as the original
     logger.info(f'teacher {args.resume} frozen; bank of {len(bank)} refs x {bank.n_prompt} x {bank.dim} '
                 f'({bank.embedding.numel() * 4 / 2 ** 20:.1f} MiB)')

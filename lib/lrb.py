@@ -98,6 +98,14 @@ class ReferenceBank(nn.Module):
         mask = torch.where(use, torch.ones_like(attention_mask), attention_mask)
         return embeds, mask
 
+    @torch.no_grad()
+    def broadcast_(self):
+        """Every process takes rank 0's bank (as DDP does with parameters): processes seed differently."""
+        if distributed.is_dist():
+            import torch.distributed as dist
+            dist.broadcast(self.embedding.data, src=0)
+        return self
+
     # --- files -------------------------------------------------------------------------------
 
     def state(self):

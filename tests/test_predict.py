@@ -169,10 +169,10 @@ def test_cli_writes_masks_overlays_and_json_lines(predicted, images):
         assert r['truncated'] == (r['expression'] == LONG) and (r['tokens'] > 20) == r['truncated']
     assert 0 < sum(r['area'] for r in records) < sum(r['width'] * r['height'] for r in records)
     # which value came from where, on one line; the model flags came from the checkpoint's args
-    line = [ln for ln in proc.stderr.splitlines() if 'model flags:' in ln]
+    line = [ln for ln in proc.stderr.splitlines() if 'model flags ' in ln]
     assert len(line) == 1
-    assert "from checkpoint: model='lavt', swin_type='nano', img_size=64" in line[0]
-    assert "from command line: device='cpu'" in line[0]
+    assert "from the checkpoint: model='lavt', swin_type='nano', img_size=64" in line[0]
+    assert "from the command line: device='cpu'" in line[0]
     assert '--expression 2 has ' in proc.stderr and 'cut to 20 as in training' in proc.stderr
 
 
@@ -264,6 +264,13 @@ def test_input_errors_are_one_line(predicted, nano, images, small_bert_dir, tmp_
     with pytest.raises(InputError, match='--resume .*nothing.pth: file not found'):
         predict.main(['--resume', str(tmp_path / 'nothing.pth'), '--image', str(images[0]), '--expression', SHORT,
                       '--out', str(fresh)])
+    # BERT paths stored by the training machine that do not exist here: the error says where they came from
+    ours = torch.load(ckpt, map_location='cpu', weights_only=True)
+    ours['args'] = dict(ours['args'], ck_bert=str(tmp_path / 'gone'), bert_tokenizer=str(tmp_path / 'gone'))
+    torch.save(ours, tmp_path / 'moved.pth')
+    with pytest.raises(InputError, match="cannot load BERT .*came from the checkpoint's stored args; pass --ck_bert"):
+        predict.main(['--resume', str(tmp_path / 'moved.pth'), '--image', str(images[0]), '--expression', SHORT,
+                      '--out', str(fresh), '--device', 'cpu'])
     assert not fresh.exists()  # nothing is left behind by a failed run
     # --overwrite replaces the folder as a whole
     again = tmp_path / 'again'
@@ -276,3 +283,13 @@ def test_input_errors_are_one_line(predicted, nano, images, small_bert_dir, tmp_
                        check=False)
     assert proc.returncode == 2 and proc.stdout == ''
     assert proc.stderr.strip() == f'predict.py: error: --image {tmp_path / "missing.png"}: file not found'
+
+
+def test_stored_args_window12_from_the_swin_file_name():
+    """As at training time, window 12 follows from the Swin weights' file name when --window12 was not set."""
+    predict = load_script('predict.py')
+    stored = predict.stored_model_flags({'args': argparse.Namespace(
+        swin_type='base', window12=False, img_size=480, device='cuda:0',
+        pretrained_swin_weights='pretrained_weights/swin_base_patch4_window12_384_22k.pth')})
+    assert stored == {'swin_type': 'base', 'window12': True, 'img_size': 480}
+    assert predict.stored_model_flags({'model': {}}) == {}
