@@ -22,6 +22,10 @@ from lib.losses import build_criterion  # noqa: E402
 
 
 def get_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def build_parser():
     parser = utils.get_parser()
     parser.description = 'benchmark of the training step'
     parser.add_argument('--iters', default=20, type=int, help='timed iterations')
@@ -29,7 +33,7 @@ def get_args(argv=None):
     parser.add_argument('--bert_hidden', default=768, type=int, help='random BERT width (--model lavt)')
     parser.add_argument('--bert_layers', default=12, type=int, help='random BERT depth (--model lavt)')
     parser.set_defaults(pretrained_swin_weights='', device='cpu')
-    return parser.parse_args(argv)
+    return parser
 
 
 def random_bert(hidden, layers):

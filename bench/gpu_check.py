@@ -272,6 +272,31 @@ def training(report, smoke, device):
     return figures
 
 
+def lrb_stages(smoke, device):
+    """Stage-2 and stage-3 iterations (lib/lrb.py hooks in the real engine loop) against a stage-1 step at the
+    same batch, fp32 and bf16, with a bank of RRSIS-D's 10 % size (11,000 refs x 20 x 768)."""
+    import bench_lrb
+    figures = {}
+    for precision in ('fp32',) if smoke else ('fp32', 'bf16'):
+        argv = ['--device', device, '--swin_type', 'nano' if smoke else 'base', '--img_size', '64' if smoke else '480',
+                '--window12', '-b', '2' if smoke else '8', '--iters', '1' if smoke else '5', '--warmup', '1',
+                '--bank_refs', '50' if smoke else '11000', '--rounds', '1' if smoke else '2']
+        if smoke:
+            argv += ['--bert_hidden', '64', '--bert_layers', '2']
+        if precision == 'bf16':
+            argv.append('--amp')
+        r = bench_lrb.measure(bench_lrb.get_args(argv))
+        figures[precision] = r
+        log(f'lrb {precision} batch {r["batch"]}: stage1 {r["stage1_ms"]:.1f} ms/it, stage2 {r["stage2_ms"]:.1f} ms/it '
+            f'(x{r["stage2_over_stage1"]:.2f}), stage3 {r["stage3_ms"]:.1f} ms/it (x{r["stage3_over_stage1"]:.2f}), '
+            f'fill {r["fill_ms"]:.3f} ms ({100 * r["fill_share_of_stage3"]:.2f} % of stage 3), '
+            f'peak {r["peak_memory_mib"] / 1024:.2f} GiB')
+        if device == 'cuda':
+            gc.collect()
+            torch.cuda.empty_cache()
+    return figures
+
+
 def write_json(figures, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -331,6 +356,7 @@ def main(argv=None):
             report.skip('train', '--skip-train')
         else:
             report.run('train', training, report, args.cpu_smoke, device)
+            report.run('lrb', lrb_stages, args.cpu_smoke, device)
 
     report.figures['total_seconds'] = round(report.elapsed(), 1)
     log(f'total_seconds: {report.elapsed():.1f}')

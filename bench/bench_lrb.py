@@ -1,0 +1,133 @@
+"""Time per iteration of the LRB stages against a stage-1 step at the same batch, and the cost of the fill.
+
+    .venv/bin/python bench/bench_lrb.py --device cpu --swin_type nano --img_size 64 -b 8
+    python bench/bench_lrb.py --device cuda --swin_type base --img_size 480 -b 8 --window12 --bank_refs 11000
+
+Each stage runs its real code (lib/lrb.py hooks inside engine.train_one_epoch) on one synthetic batch:
+stage 1 = engine.supervised_step; stage 2 = lrb.Stage2Bank (frozen teacher, bank only); stage 3 =
+lrb.Stage3Joint with --caption_inner_steps bank steps at every iteration (the most expensive case, as
+at the 10 % setting where nearly every batch holds weak samples). --weak_share of the batch is weak.
+The bank has --bank_refs rows (about 11,000 at RRSIS-D's 10 % setting): its AdamW step is dense, as the
+original's. The variants alternate over --rounds rounds; the fastest round counts.
+"""
+import copy
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import utils  # noqa: E402
+from bench import bench_train  # noqa: E402
+from lib import distributed, engine, lrb  # noqa: E402
+from lib.losses import build_criterion  # noqa: E402
+
+
+def get_args(argv=None):
+    parser = bench_train.build_parser()
+    parser.description = 'LRB stage iterations against a stage-1 step'
+    parser.add_argument('--bank_refs', default=2000, type=int, help='rows of the reference bank')
+    parser.add_argument('--weak_share', default=0.75, type=float, help='share of each batch that is weak')
+    parser.add_argument('--rounds', default=2, type=int, help='alternating rounds; the fastest counts')
+    return parser.parse_args(argv)
+
+
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def measure(args):
+    """-> {'stage1_ms', 'stage2_ms', 'stage3_ms', 'fill_ms', 'stage3_over_stage1', 'fill_share_of_stage3',
+    'peak_memory_mib', 'device_name'}"""
+    env = distributed.init_distributed(args.device)
+    distributed.seed_everything(args.seed)
+    device = env.device
+    model, bert = bench_train.build(args, device)
+    text = engine.text_encoder_of(model, bert)
+    batch = bench_train.synthetic_batch(args.batch_size, args.img_size, text.config.vocab_size)
+    n_weak = round(args.weak_share * args.batch_size)
+    batch['ref_id'] = torch.cat([torch.arange(n_weak), args.bank_refs + torch.arange(args.batch_size - n_weak)])
+    batch = engine.to_device(batch, device)
+    criterion = build_criterion().to(device)
+    bank = lrb.ReferenceBank(range(args.bank_refs), lrb.N_PROMPT, text.config.hidden_size).to(device)
+
+    groups = engine.build_param_groups(model, bert)
+    engine.freeze_unoptimized({'model': model, 'bert': bert}, groups)
+    optimizer = engine.build_optimizer(groups, args)
+    scheduler = engine.build_poly_scheduler(optimizer, 10 ** 6)
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    bank_opt = lrb.build_bank_optimizer(bank, 1e-6, args)
+    bank_sched = engine.build_poly_scheduler(bank_opt, 10 ** 6)
+    n = args.warmup + args.iters
+    joint = lrb.Stage3Joint(model, teacher, bert, bank, criterion, bank_opt, bank_sched,
+                            inner_steps=args.caption_inner_steps, update_every=1,
+                            is_weak=torch.ones(1, dtype=torch.bool), batch_size=args.batch_size, world_size=1,
+                            seed=0, steps_per_epoch=n, amp=args.amp)
+    joint.plan = [True] * n  # a bank step at every iteration
+    # stage 2 trains the bank alone through a frozen copy in train mode (as the original)
+    frozen = copy.deepcopy(model).train()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    stage2 = lrb.Stage2Bank(frozen, bert, bank, criterion)
+
+    def epoch(step, opt, sched, **hooks):
+        engine.train_one_epoch(step, [batch] * n, opt, sched, 0, device=device, print_freq=10 ** 9, amp=args.amp,
+                               **hooks)
+
+    variants = {
+        'stage1': lambda: epoch(engine.supervised_step(model, bert, criterion), optimizer, scheduler),
+        'stage2': lambda: epoch(stage2.step, bank_opt, bank_sched, after_backward=stage2.after_backward),
+        'stage3': lambda: epoch(joint.step, optimizer, scheduler, before_step=joint.before_step,
+                                after_step=joint.after_step),
+    }
+    model.train()
+    bert.eval()
+    times = {k: float('inf') for k in variants}
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.rounds):
+        for name, fn in variants.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            # warm-up iterations are part of each call; subtract them proportionally is unsafe, so time whole
+            times[name] = min(times[name], (time.perf_counter() - start) / n)
+
+    words = text.embeddings.word_embeddings(batch['input_ids'])
+    reps = 50
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        bank.fill(batch['ref_id'], words, batch['attention_mask'])
+    _sync(device)
+    fill = (time.perf_counter() - start) / reps
+    peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == 'cuda'
+            else __import__('resource').getrusage(__import__('resource').RUSAGE_SELF).ru_maxrss / 1024)
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU x{torch.get_num_threads()}'
+    return {'stage1_ms': 1000 * times['stage1'], 'stage2_ms': 1000 * times['stage2'],
+            'stage3_ms': 1000 * times['stage3'], 'fill_ms': 1000 * fill,
+            'stage3_over_stage1': times['stage3'] / times['stage1'],
+            'stage2_over_stage1': times['stage2'] / times['stage1'],
+            'fill_share_of_stage3': fill / times['stage3'], 'peak_memory_mib': peak, 'device_name': name,
+            'bank_refs': args.bank_refs, 'batch': args.batch_size, 'inner_steps': args.caption_inner_steps}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    r = measure(args)
+    print(f'swin {args.swin_type} img {args.img_size} batch {args.batch_size} amp {args.amp} bank {args.bank_refs} '
+          f'refs, inner steps {args.caption_inner_steps}, on {r["device_name"]}')
+    print(f'stage 1 {r["stage1_ms"]:.1f} ms/it | stage 2 {r["stage2_ms"]:.1f} ms/it '
+          f'(x{r["stage2_over_stage1"]:.2f}) | stage 3 {r["stage3_ms"]:.1f} ms/it (x{r["stage3_over_stage1"]:.2f})')
+    print(f'fill {r["fill_ms"]:.3f} ms = {100 * r["fill_share_of_stage3"]:.2f} % of a stage-3 iteration; '
+          f'peak memory {r["peak_memory_mib"]:.0f} MiB')
+
+
+if __name__ == '__main__':
+    utils.run_cli(main)
