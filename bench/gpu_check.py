@@ -297,6 +297,58 @@ def lrb_stages(smoke, device):
     return figures
 
 
+def stages_cli(device):
+    """The whole method through its command lines on the GPU, small: demo data (40 images, 64 px), small BERT,
+    the 90 % split, train.py (fp32) -> train_stu_base.py (fp32) -> train_stu_tea.py (--amp) -> test.py."""
+    import subprocess
+    work = Path(tempfile.mkdtemp(prefix='lrb_stages_'))
+    py = [sys.executable]
+    common = ['--device', device, '--dataset', 'rrsisd', '--swin_type', 'nano', '--img_size', '64', '--workers', '2',
+              '--pretrained_swin_weights', '', '--bert_tokenizer', str(work / 'bert'), '--ck_bert', str(work / 'bert'),
+              '--batch-size', '4', '--model_id', 'g', '--print-freq', '5']
+    splits = work / 'splits'
+    steps = [
+        ('demo_data', ['-m', 'refer.demo_data', '--out', str(work / 'data'), '--images', '40', '--size', '64']),
+        ('small_bert', ['-m', 'bert.build_small', '--refer_data_root', str(work / 'data'), '--dataset', 'rrsisd',
+                        '--out', str(work / 'bert')]),
+        ('split', ['mask_train_only.py', '--refer_data_root', str(work / 'data'), '--dataset', 'rrsisd',
+                   '--output_dir', str(splits), '--ratios', '90']),
+        ('stage1', ['train.py', *common, '--refer_data_root', str(splits / 'rrsisd-90-no-mask'), '--epochs', '2',
+                    '--lr', '1e-3', '--output-dir', str(work / 's1')]),
+        ('stage2', ['train_stu_base.py', *common, '--refer_data_root', str(splits / 'rrsisd-90-mask'), '--epochs', '2',
+                    '--lr', '1e-2', '--resume', str(work / 's1' / 'model_last_g.pth'), '--output-dir', str(work / 's2')]),
+        ('stage3_amp', ['train_stu_tea.py', *common, '--refer_data_root', str(splits / 'rrsisd-90-all'), '--epochs', '2',
+                        '--lr', '1e-3', '--caption_lr', '1e-2', '--amp', '--resume', str(work / 's1' / 'model_last_g.pth'),
+                        '--caption_embedding_path', str(work / 's2' / 'caption_embeddings_g.pt'),
+                        '--output-dir', str(work / 's3')]),
+        ('test', ['test.py', *common, '--refer_data_root', str(splits / 'rrsisd-90-all'), '--split', 'test',
+                  '--resume', str(work / 's3' / 'model_best_oIoU_g.pth'), '--results_json', str(work / 'test.json')]),
+    ]
+    figures = {}
+    for name, argv in steps:
+        start = time.perf_counter()
+        proc = subprocess.run(py + argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+        seconds = time.perf_counter() - start
+        figures[name] = {'rc': proc.returncode, 'seconds': round(seconds, 1)}
+        log(f'stages {name}: rc {proc.returncode} in {seconds:.1f} s')
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
+            figures[name]['tail'] = tail
+            for line in tail:
+                log(f'stages {name} | {line}')
+            break
+        for line in (proc.stdout + proc.stderr).splitlines():
+            if 'bank steps taken' in line or 'identical on all' in line:
+                log(f'stages {name} | {line.strip()}')
+    if (work / 'test.json').exists():
+        metrics = json.loads((work / 'test.json').read_text())
+        figures['test_metrics'] = {k: metrics[k] for k in ('oIoU', 'mIoU', 'num_sentences', 'weights_key')}
+        log(f'stages test metrics: {figures["test_metrics"]}')
+    figures['all_ok'] = all(v.get('rc') == 0 for k, v in figures.items() if isinstance(v, dict) and 'rc' in v) \
+        and len([k for k in figures if k in dict(steps)]) == len(steps)
+    return figures
+
+
 def write_json(figures, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -357,6 +409,10 @@ def main(argv=None):
         else:
             report.run('train', training, report, args.cpu_smoke, device)
             report.run('lrb', lrb_stages, args.cpu_smoke, device)
+        if has_cuda:
+            report.run('stages', stages_cli, device)
+        else:
+            report.skip('stages', 'no CUDA device (tests/test_lrb_cli.py runs the same chain on CPU)')
 
     report.figures['total_seconds'] = round(report.elapsed(), 1)
     log(f'total_seconds: {report.elapsed():.1f}')
