@@ -96,7 +96,6 @@ def measure(args):
             start = time.perf_counter()
             fn()
             _sync(device)
-            # warm-up iterations are part of each call; subtract them proportionally is unsafe, so time whole
             times[name] = min(times[name], (time.perf_counter() - start) / n)
 
     words = text.embeddings.word_embeddings(batch['input_ids'])
@@ -107,9 +106,7 @@ def measure(args):
         bank.fill(batch['ref_id'], words, batch['attention_mask'])
     _sync(device)
     fill = (time.perf_counter() - start) / reps
-    peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == 'cuda'
-            else __import__('resource').getrusage(__import__('resource').RUSAGE_SELF).ru_maxrss / 1024)
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU x{torch.get_num_threads()}'
+    peak, _, name = bench_train.peak_memory(device)
     return {'stage1_ms': 1000 * times['stage1'], 'stage2_ms': 1000 * times['stage2'],
             'stage3_ms': 1000 * times['stage3'], 'fill_ms': 1000 * fill,
             'stage3_over_stage1': times['stage3'] / times['stage1'],

@@ -97,15 +97,19 @@ def measure(args):
     start = time.perf_counter()
     run(args.iters)
     elapsed = time.perf_counter() - start
-    if device.type == 'cuda':
-        peak, kind = torch.cuda.max_memory_allocated() / 2 ** 20, 'GPU (max allocated)'
-        name = torch.cuda.get_device_name(device)
-    else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'RSS (process max)'
-        name = f'CPU x{torch.get_num_threads()} threads'
+    peak, kind, name = peak_memory(device)
     return {'it_per_s': args.iters / elapsed, 'samples_per_s': args.iters * args.batch_size / elapsed,
             'ms_per_it': 1000 * elapsed / args.iters, 'peak_memory_mib': peak, 'peak_memory_kind': kind,
             'device_name': name}
+
+
+def peak_memory(device):
+    """-> (peak MiB, what was measured, device name): GPU max allocated, or the process's max RSS."""
+    if device.type == 'cuda':
+        return (torch.cuda.max_memory_allocated() / 2 ** 20, 'GPU (max allocated)',
+                torch.cuda.get_device_name(device))
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'RSS (process max)',
+            f'CPU x{torch.get_num_threads()} threads')
 
 
 def main(argv=None):

@@ -63,3 +63,13 @@ def small_bert_dir(demo_root, tmp_path_factory):
     build_small_bert(collect_expressions(demo_root, 'rrsisd', 'unc'), out,
                      hidden_size=32, num_hidden_layers=10, num_attention_heads=2, seed=0)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs use one thread, like the subprocesses (OMP_NUM_THREADS=1): no oversubscription."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -113,14 +113,6 @@ def test_stage3_logs_bank_steps(pipeline):
 
 # --- counted bank steps = steps taken ------------------------------------------------------------------------
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def brute_force_bank_steps(root, batch_size, seed, epochs, update_every, inner_steps, weak_ids):
     """Walk the real loader's batches (indices only) and count where the original would step."""
     from torch.utils.data import DataLoader, DistributedSampler

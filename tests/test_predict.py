@@ -98,14 +98,6 @@ def predicted(nano, images, tmp_path_factory):
     return out, proc
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def reference_logits(model, bert, small_bert_dir, path, expression, img_size=64):
     """test.py's forward for one (image, expression): the dataset's transform and tokenization, then
     engine.predict_fn -> logits [2, S, S]."""

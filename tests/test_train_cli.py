@@ -107,15 +107,6 @@ def test_torchrun_two_process_eval_equals_one_process(trained, tested, demo_root
     assert proc.stdout.count('overall IoU') == 1  # printed by rank 0 only
 
 
-@pytest.fixture
-def one_thread():
-    """In-process runs use one thread, like the subprocesses (OMP_NUM_THREADS=1): no oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(demo_root, small_bert_dir, tmp_path, one_thread):
     # train.py's main with real argument lists, in this process (spares three interpreter start-ups)
     train_script = load_script('train.py')
