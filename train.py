@@ -24,12 +24,12 @@ def main(argv=None):
 
 
 def run(args, env, batch_size):
-    engine.start_run(args, env, batch_size)
     # before anything slow: refuse to replace a finished run, check the folder (the data are checked
     # while the datasets are built, the free space once the model and optimizer exist)
     last_epoch = min(args.epochs, args.stop_after or args.epochs)
     utils.guard_run_dir(args.output_dir, engine.run_file_names(args.model_id, last_epoch),
                         resume=args.resume, overwrite=args.overwrite, resume_hint=f'model_last_{args.model_id}.pth')
+    engine.start_run(args, env, batch_size)
     _, _, train_loader, val_loader = engine.build_data(args, env, batch_size)
     model, bert = engine.build_model(args, pretrained='' if args.resume else None)  # resume: weights come next
     model.to(env.device)
@@ -51,6 +51,7 @@ def run(args, env, batch_size):
         find_unused = bool(unused)
     ddp_model = engine.wrap_for_distributed(model, env, find_unused)
     ddp_bert = engine.wrap_for_distributed(bert, env, find_unused)
+    train_model, train_bert = engine.apply_speed_options(ddp_model, args), engine.apply_speed_options(ddp_bert, args)
 
     optimizer = engine.build_optimizer(groups, args)
     lr_scheduler = engine.build_poly_scheduler(optimizer, len(train_loader) * args.epochs)
@@ -75,7 +76,7 @@ def run(args, env, batch_size):
                                   replaces=engine.run_file_names(args.model_id, 0))
     writer = engine.make_writer(args.output_dir, args.model_id, fresh=args.overwrite)
     start = time.time()
-    engine.fit(train_step=engine.supervised_step(ddp_model, ddp_bert, build_criterion().to(env.device)),
+    engine.fit(train_step=engine.supervised_step(train_model, train_bert, build_criterion().to(env.device)),
                predict=engine.predict_fn(model, bert, args.amp),
                train_loader=train_loader, val_loader=val_loader, optimizer=optimizer,
                lr_scheduler=lr_scheduler, start_epoch=start_epoch, epochs=end_epoch, best={'oIoU': best_oiou},

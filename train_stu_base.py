@@ -43,6 +43,7 @@ def run(args, env, batch_size):
     engine.start_run(args, env, batch_size)
     checkpoint = engine.load_checkpoint(args.resume, trust=args.trust_checkpoint)
     resuming = lrb.checkpoint_stage(checkpoint) == STAGE
+    lrb.guard_stage_run(args, STAGE, resuming)
     train_set, _, train_loader, val_loader = engine.build_data(args, env, batch_size, val_split='train')
     weak = lrb.weak_ref_ids(train_set)
     if not weak:
@@ -97,7 +98,9 @@ def run(args, env, batch_size):
         logger.info(f'saved {last}' + (f' and the best bank {lrb.bank_path(args.output_dir, args.model_id)}'
                                        if 'oIoU' in improved else ''))
 
-    writer = engine.make_writer(args.output_dir, args.model_id)
+    engine.check_checkpoint_space(args.output_dir, (model, bert, bank), optimizer,
+                                  replaces=lrb.stage_file_names(STAGE, args.model_id))
+    writer = engine.make_writer(args.output_dir, args.model_id, fresh=args.overwrite)
     engine.fit(train_step=stage.step, predict=lrb.bank_predict_fn(model, bert, bank, args.amp),
                train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, lr_scheduler=lr_scheduler,
                start_epoch=start_epoch, epochs=end_epoch, best=best, device=env.device, save=save,

@@ -54,6 +54,7 @@ def run(args, env, batch_size):
     engine.start_run(args, env, batch_size)
     checkpoint = engine.load_checkpoint(args.resume, trust=args.trust_checkpoint)
     resuming = lrb.checkpoint_stage(checkpoint) == STAGE
+    lrb.guard_stage_run(args, STAGE, resuming)
     if resuming:
         bank = lrb.ReferenceBank.from_state(checkpoint.get('caption_bank'), f'--resume {args.resume}')
         bank_source = f'--resume {args.resume}'
@@ -135,7 +136,9 @@ def run(args, env, batch_size):
             bank.save(lrb.bank_path(args.output_dir, args.model_id, f'{metric}_best'))
         logger.info(f'saved {last}' + (f' (best {", ".join(sorted(improved))})' if improved else ''))
 
-    writer = engine.make_writer(args.output_dir, args.model_id)
+    engine.check_checkpoint_space(args.output_dir, (student, teacher, bert, bank), [optimizer, bank_optimizer],
+                                  replaces=lrb.stage_file_names(STAGE, args.model_id))
+    writer = engine.make_writer(args.output_dir, args.model_id, fresh=args.overwrite)
     engine.fit(train_step=joint.step, predict=engine.predict_fn(student, bert, args.amp),
                train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, lr_scheduler=lr_scheduler,
                start_epoch=start_epoch, epochs=end_epoch, best=best, device=env.device, save=save,

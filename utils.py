@@ -68,7 +68,7 @@ def _worker_death_message(exc):
 
 # --- Ctrl-C: where the last checkpoint is -------------------------------------------------------
 
-_RUN = {'dir': None, 'resume': None, 'last': None, 'epoch': None}
+_RUN = {'dir': None, 'resume': None, 'last': None, 'epoch': None, 'resume_flag': '--resume'}
 
 
 def record_checkpoint(path, epoch=None):
@@ -78,13 +78,14 @@ def record_checkpoint(path, epoch=None):
 
 
 def _interrupted_message():
+    flag = _RUN['resume_flag']
     if _RUN['last']:
         epoch = f" (epoch {_RUN['epoch']})" if _RUN['epoch'] is not None else ''
-        return (f"interrupted; the last checkpoint is {_RUN['last']}{epoch}; continue with "
-                f"--resume {shlex.quote(_RUN['last'])}")
-    if _RUN['resume']:
+        hint = f"; continue with {flag} {shlex.quote(_RUN['last'])}" if flag else ''
+        return f"interrupted; the last checkpoint is {_RUN['last']}{epoch}{hint}"
+    if _RUN['resume'] and flag:
         return (f"interrupted before this run wrote a checkpoint; continue again with "
-                f"--resume {shlex.quote(_RUN['resume'])}")
+                f"{flag} {shlex.quote(_RUN['resume'])}")
     if _RUN['dir']:
         return f"interrupted before the first checkpoint; nothing to resume in {_RUN['dir']}"
     return 'interrupted'
@@ -315,20 +316,22 @@ def guard_run_dir(output_dir, file_names, *, resume='', overwrite=False, dir_fla
                   resume_flag='--resume', overwrite_flag='--overwrite', resume_hint=None):
     """Before a training run writes into `output_dir`: refuse (one line) when it is a file or cannot be
     written, or when it already holds any of `file_names` (the files this run would write: a finished
-    run's checkpoints; glob patterns allowed) unless the user asked to continue (`resume`, the --resume
-    path) or to replace (`overwrite`); the message names both flags (`resume_hint`: the file to suggest
-    for --resume). Then removes stale temporaries of killed runs (rank 0). Creates nothing.
+    run's checkpoints; glob patterns allowed) unless the user asked to continue (`resume`: the path given
+    to continue from) or to replace (`overwrite`); the message names both flags (`resume_hint`: the file
+    to suggest). Then removes stale temporaries of killed runs (rank 0). Creates nothing.
     Call it at the start of every training script, e.g. with `engine.run_file_names(...)`; it also
-    arms the Ctrl-C message of `run_cli`."""
+    arms the Ctrl-C message of `run_cli`. A script whose --resume is not a continuation (the stage
+    scripts' teacher) passes resume='' and resume_flag=None: then only `overwrite_flag` is offered."""
     out = Path(output_dir)
     check_writable_dir(out, dir_flag)
     existing = [] if (resume or overwrite) else _existing_outputs(out, file_names)
     if existing:
         more = f' and {len(existing) - 1} more' if len(existing) > 1 else ''
         hint = shlex.quote(str(out / (resume_hint if resume_hint and (out / resume_hint).is_file() else existing[0])))
+        resume_part = f'{resume_flag} {hint} to continue it or ' if resume_flag else ''
         raise InputError(f'{dir_flag} {out}: holds {existing[0]}{more} of a finished run; pass '
-                         f'{resume_flag} {hint} to continue it or {overwrite_flag} to replace it')
-    _RUN['dir'], _RUN['resume'] = str(out), (os.path.abspath(resume) if resume else None)
+                         f'{resume_part}{overwrite_flag} to replace it')
+    _RUN.update(dir=str(out), resume=os.path.abspath(resume) if resume else None, resume_flag=resume_flag)
     if int(os.environ.get('RANK', '0') or 0) == 0:
         remove_stale_temporaries(out)
 
@@ -503,6 +506,16 @@ def get_parser():
                         help='black out 20-60 random 32-px boxes on a fixed 20%% of training samples '
                              '(as the reference)')
     parser.add_argument('--amp', action='store_true', help='bf16 autocast on GPU')
+    # speed / memory options: off by default; none changes the math beyond rounding (bench/compare_original.py)
+    parser.add_argument('--compile', nargs='?', const='inductor', default='', metavar='BACKEND',
+                        help='torch.compile the training forward/backward (default backend inductor; the first '
+                             'steps are slow while it compiles); evaluation stays eager')
+    parser.add_argument('--fused_adamw', action='store_true', help="AdamW's fused kernel (CUDA and CPU)")
+    parser.add_argument('--channels_last', action='store_true',
+                        help="channels-last (NHWC) memory for the decoder's convolutions")
+    parser.add_argument('--checkpoint_activations', action='store_true',
+                        help='recompute each Swin block in the backward pass instead of storing its '
+                             'activations (the reference\'s use_checkpoint): less memory, more compute')
     parser.add_argument('--stop_after', default=0, type=int,
                         help='train.py: stop after this many epochs in this run (0: run to --epochs); '
                              'continue later with --resume, e.g. under a job time limit')

@@ -10,6 +10,7 @@ Parameter names, shapes and registration order equal the reference's (`layers.0.
 """
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from timm.layers import DropPath, Mlp, gen_relative_position_index, trunc_normal_
 from timm.models.swin_transformer import window_partition, window_reverse
@@ -172,12 +173,15 @@ class MMBasicLayer(nn.Module):
 
     def __init__(self, dim, depth, num_heads, text_dim, window_size=7, mlp_ratio=4., qkv_bias=True, drop=0.,
                  attn_drop=0., drop_path=0., norm_layer=nn.LayerNorm, downsample=None, num_heads_fusion=1,
-                 fusion_drop=0.0):
+                 fusion_drop=0.0, use_checkpoint=False):
         super().__init__()
         self.window_size = window_size
         self.shift_size = window_size // 2
         self.depth = depth
         self.dim = dim
+        # recompute each Swin block in the backward pass instead of keeping its activations (the
+        # reference's `use_checkpoint`); the RNG state is replayed, so gradients are the same
+        self.use_checkpoint = use_checkpoint
         self.blocks = nn.ModuleList([
             SwinTransformerBlock(
                 dim=dim, num_heads=num_heads, window_size=window_size,
@@ -204,7 +208,10 @@ class MMBasicLayer(nn.Module):
         H, W = hw
         attn_mask = shifted_window_mask(H, W, self.window_size, self.shift_size, x.device)
         for blk in self.blocks:
-            x = blk(x, hw, attn_mask)  # [B, HW, C]
+            if self.use_checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, hw, attn_mask, use_reentrant=False)
+            else:
+                x = blk(x, hw, attn_mask)  # [B, HW, C]
         x_residual = self.fusion(x, l, l_mask)  # [B, HW, C]
         if self.downsample is None:
             return x_residual, hw, x, hw
@@ -235,7 +242,7 @@ class MultiModalSwinTransformer(nn.Module):
                  img_size=480, patch_size=4, in_chans=3, mlp_ratio=4., qkv_bias=True, drop_rate=0.,
                  attn_drop_rate=0., drop_path_rate=0.2, norm_layer=nn.LayerNorm, patch_norm=True,
                  out_indices=(0, 1, 2, 3), num_heads_fusion=(1, 1, 1, 1), fusion_drop=0.0,
-                 cross_scale='faithful'):
+                 cross_scale='faithful', use_checkpoint=False):
         super().__init__()
         if img_size % STRIDE:
             raise utils.InputError(f'--img_size {img_size} is not a multiple of {STRIDE}')
@@ -255,7 +262,7 @@ class MultiModalSwinTransformer(nn.Module):
                 window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
                 attn_drop=attn_drop_rate, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
                 norm_layer=norm_layer, downsample=PatchMerging if i < self.num_layers - 1 else None,
-                num_heads_fusion=num_heads_fusion[i], fusion_drop=fusion_drop))
+                num_heads_fusion=num_heads_fusion[i], fusion_drop=fusion_drop, use_checkpoint=use_checkpoint))
         self.num_features = [embed_dim * 2 ** i for i in range(self.num_layers)]
         for i in self.out_indices:
             self.add_module(f'norm{i}', norm_layer(self.num_features[i]))

@@ -145,10 +145,15 @@ class AdaptiveRotatedConv2d(nn.Module):
 
 
 class SimpleDecoding(nn.Module):
-    """Fuses the four stage maps top-down (c4+c3 -> +c2 -> +c1) and predicts 2-class logits at 1/4."""
+    """Fuses the four stage maps top-down (c4+c3 -> +c2 -> +c1) and predicts 2-class logits at 1/4.
 
-    def __init__(self, c4_dims, factor=2):
+    channels_last: keep the maps and the 4-D convolution weights in channels-last (NHWC) memory, the
+    layout tensor-core convolutions run in; values are the same up to the kernels' rounding.
+    """
+
+    def __init__(self, c4_dims, factor=2, channels_last=False):
         super().__init__()
+        self.channels_last = channels_last
         hidden = c4_dims // factor
         c3_size, c2_size, c1_size = c4_dims // factor, c4_dims // factor ** 2, c4_dims // factor ** 3
         for name, in_ch in (('4', c4_dims + c3_size), ('3', hidden + c2_size), ('2', hidden + c1_size)):
@@ -162,6 +167,10 @@ class SimpleDecoding(nn.Module):
             self.add_module(f'bn2_{name}', nn.BatchNorm2d(hidden))
             self.add_module(f'relu2_{name}', nn.ReLU())
         self.conv1_1 = nn.Conv2d(hidden, 2, 1)
+        if channels_last:  # 4-D weights only (the rotated convs' 5-D kernel bank is resampled per sample)
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.to(memory_format=torch.channels_last)
 
     def _fuse(self, name, x, skip):
         if x.shape[-2] < skip.shape[-2] or x.shape[-1] < skip.shape[-1]:
@@ -171,6 +180,8 @@ class SimpleDecoding(nn.Module):
         return getattr(self, f'relu2_{name}')(getattr(self, f'bn2_{name}')(getattr(self, f'conv2_{name}')(x)))
 
     def forward(self, x_c4, x_c3, x_c2, x_c1):
+        if self.channels_last:
+            x_c4, x_c3, x_c2, x_c1 = (t.contiguous(memory_format=torch.channels_last) for t in (x_c4, x_c3, x_c2, x_c1))
         x = self._fuse('4', x_c4, x_c3)
         x = self._fuse('3', x, x_c2)
         x = self._fuse('2', x, x_c1)

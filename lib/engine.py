@@ -7,7 +7,9 @@ Pieces (each usable alone):
                  checkpoints); a stage script swaps in its own `step_fn` / `predict` / checkpoint content
 - checkpoints:   `save_checkpoint` (atomic, rank 0), `load_checkpoint` (weights_only with an allow-list),
                  `load_weights` (`module.` prefixes, one-line error naming the first mismatching key),
-                 `restore_training_state` (optimizer, schedule, epoch, RNG, best score)
+                 `restore_training_state` (optimizer, schedule, epoch, RNG, best score); before the first
+                 step: `run_file_names` (what utils.guard_run_dir protects), `check_checkpoint_space`;
+                 `make_writer` (TensorBoard, its folder made at the first write)
 
 Faithful details worth knowing:
 - Only backbone, classifier and the first 10 BERT encoder layers are optimized (BERT embeddings and
@@ -101,7 +103,17 @@ def validate_training_args(args):
         raise InputError(f'--refer_data_root {args.refer_data_root}: no such directory')
     if args.stop_after < 0:
         raise InputError(f'--stop_after {args.stop_after}: must be >= 0')
+    check_compile_backend(args)
     return distributed.per_process_batch_size(args.batch_size, distributed.launch_world_size())
+
+
+def check_compile_backend(args):
+    backend = getattr(args, 'compile', '')
+    if backend:
+        import torch._dynamo
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if backend not in known:
+            raise InputError(f'--compile {backend}: unknown torch.compile backend (known: {", ".join(known)})')
 
 
 def dummy_forward(model, bert, img_size, device):
@@ -194,7 +206,40 @@ def freeze_unoptimized(modules, param_groups):
 
 
 def build_optimizer(param_groups, args):
-    return torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay, amsgrad=args.amsgrad)
+    """AdamW of the reference; `--fused_adamw`: its fused kernel (one launch for all tensors; CUDA and
+    CPU), the same update up to rounding. The implementation chosen here also holds after
+    `load_state_dict`, which would otherwise take the one the checkpoint was saved with."""
+    fused = bool(getattr(args, 'fused_adamw', False))
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay, amsgrad=args.amsgrad,
+                                  **({'fused': True} if fused else {}))
+    optimizer.register_load_state_dict_post_hook(_keep_implementation(fused))
+    return optimizer
+
+
+def _keep_implementation(fused):
+    def hook(optimizer):
+        for group in optimizer.param_groups:
+            group['fused'] = True if fused else None
+            for p in group['params']:
+                state = optimizer.state.get(p, {})
+                if torch.is_tensor(state.get('step')):
+                    # fused keeps the step count on the parameter's device; the others on the host,
+                    # where reading it for the bias correction needs no device sync
+                    device, dtype = (p.device, torch.float32) if fused else ('cpu', torch.get_default_dtype())
+                    state['step'] = state['step'].to(device=device, dtype=dtype)
+    return hook
+
+
+def apply_speed_options(module, args):
+    """The module to train with under `--compile BACKEND`: torch.compile of it (static shapes), else
+    the module itself. Call it after `wrap_for_distributed`, so that DDP's gradient buckets split the
+    compiled graph; the module is not changed, so checkpoints (state_dict keys) and the evaluation,
+    which keep using it, run as before. Build-time options are in `build_model` (--checkpoint_activations,
+    --channels_last) and `build_optimizer` (--fused_adamw)."""
+    backend = getattr(args, 'compile', '')
+    if not backend or module is None:
+        return module
+    return torch.compile(module, backend=backend, dynamic=False)
 
 
 def poly_factor(iteration, total_iters, power=0.9):
@@ -421,7 +466,15 @@ def save_checkpoint(state, path, resumable=True):
     if distributed.is_main_process():
         with atomic_file(path) as tmp:
             with open(tmp, 'wb') as f:  # through a Python file, a full disk is an OSError with its cause
-                torch.save(state, f)
+                try:
+                    torch.save(state, f)
+                except RuntimeError as e:  # torch's zip writer wraps the OSError while closing the archive
+                    cause = e.__context__
+                    while cause is not None and not isinstance(cause, OSError):
+                        cause = cause.__context__
+                    if cause is None:
+                        raise
+                    raise cause from None  # atomic_file: one line naming `path` and the cause
     if resumable:
         utils.record_checkpoint(path, state.get('epoch') if isinstance(state, dict) else None)
 
@@ -437,11 +490,10 @@ _TORCH_LEGACY_MAGIC = b'\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19'  # pickled magi
 
 
 def _looks_like_torch_file(path):
-    import zipfile
-    if zipfile.is_zipfile(path):
-        return True
+    """The zip archive torch.save writes (perhaps truncated) or a legacy torch file."""
     with open(path, 'rb') as f:
-        return f.read(len(_TORCH_LEGACY_MAGIC)) == _TORCH_LEGACY_MAGIC
+        head = f.read(len(_TORCH_LEGACY_MAGIC))
+    return head.startswith(b'PK\x03\x04') or head == _TORCH_LEGACY_MAGIC
 
 
 def _first_line(exc):
@@ -471,8 +523,9 @@ def load_checkpoint(path, trust=False, flag='--resume'):
     except pickle.UnpicklingError as e:
         refused = re.search(r'GLOBAL ([\w.]+)', str(e))
         if not trust and refused:
-            raise InputError(f"{flag} {path}: refused to unpickle the global '{refused.group(1)}' (by default only "
-                             f"tensors and plain containers load); add --trust_checkpoint if you trust this file") from None
+            raise InputError(f"{flag} {path}: refused to unpickle the global '{refused.group(1)}' (by default "
+                             f"only tensors and plain containers load); add --trust_checkpoint if you trust this "
+                             f"file") from None
         if not trust and 'Weights only load failed' in str(e):
             raise InputError(f'{flag} {path}: refused to unpickle ({_first_line(e)}); '
                              f'add --trust_checkpoint if you trust this file') from None
@@ -620,7 +673,16 @@ class LazySummaryWriter:
         return self._writer
 
     def __getattr__(self, name):  # add_scalar, flush, ...: only what is not defined here
-        return getattr(self._get(), name)
+        attr = getattr(self._get(), name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):  # a full disk: one line naming the log folder
+            try:
+                return attr(*args, **kwargs)
+            except OSError as e:
+                raise utils.write_error(self.log_dir, e) from None
+        return call
 
     def close(self):
         if self._writer is not None:
@@ -647,16 +709,16 @@ def run_file_names(model_id, epochs, start_epoch=0):
 
 def estimate_checkpoint_bytes(modules, optimizer=None):
     """Bytes a training checkpoint of `modules` takes: their state dicts plus AdamW's two (amsgrad:
-    three) moment tensors per optimized parameter, plus 1 MB for the rest."""
+    three) moment tensors per optimized parameter (of one optimizer or a list), plus 1 MB for the rest."""
     total = 1 << 20
     for module in modules:
         if module is not None:
             total += sum(t.numel() * t.element_size() for t in unwrap(module).state_dict().values()
                          if torch.is_tensor(t))
-    if optimizer is not None:
-        for group in optimizer.param_groups:
-            moments = 3 if group.get('amsgrad') else 2
-            total += moments * sum(p.numel() * p.element_size() for p in group['params'])
+    optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
+    for group in (g for opt in optimizers if opt is not None for g in opt.param_groups):
+        moments = 3 if group.get('amsgrad') else 2
+        total += moments * sum(p.numel() * p.element_size() for p in group['params'])
     return total
 
 

@@ -18,13 +18,32 @@ import os
 import torch
 import torch.nn as nn
 
+import utils
 from lib import distributed, engine
-from utils import InputError, atomic_file
+from utils import InputError
 
 logger = logging.getLogger('lrb')
 
 N_PROMPT = 20  # the reference's prompt length (= its token length, so every padding slot can be filled)
 INIT_STD = 0.02
+
+
+def stage_file_names(stage, model_id):
+    """What a stage writes in --output-dir (what a new run must not replace silently)."""
+    names = [f'model_last_{model_id}.pth']
+    if stage == 2:
+        return names + [f'caption_embeddings_{model_id}.pt']
+    for metric in ('oIoU', 'mIoU'):
+        names += [f'model_best_{metric}_{model_id}.pth', f'caption_embeddings_{model_id}_{metric}_best.pt']
+    return names
+
+
+def guard_stage_run(args, stage, resuming):
+    """The run-folder guard of utils for a stage script, once --resume's content says whether it continues
+    a run of this stage (then --resume is a continuation) or names the teacher (then it is not)."""
+    utils.guard_run_dir(args.output_dir, stage_file_names(stage, args.model_id),
+                        resume=args.resume if resuming else '', overwrite=args.overwrite,
+                        resume_hint=f'model_last_{args.model_id}.pth')
 
 
 def bank_path(output_dir, model_id, tag=''):
@@ -113,10 +132,9 @@ class ReferenceBank(nn.Module):
         return {'embedding': self.embedding.detach().cpu().clone(), 'sample_id_to_index': dict(self.sample_id_to_index)}
 
     def save(self, path):
-        """Atomic torch.save of `state()` (rank 0 only)."""
+        """Atomic torch.save of `state()` (rank 0 only); a failed write is one line naming the file."""
         if distributed.is_main_process():
-            with atomic_file(path) as tmp:
-                torch.save(self.state(), tmp)
+            engine.save_checkpoint(self.state(), path, resumable=False)
 
     @classmethod
     def from_state(cls, state, source='reference bank'):

@@ -43,7 +43,8 @@ def build_backbone(pretrained, args, text_dim):
         embed_dim=embed_dim, depths=depths, num_heads=num_heads, text_dim=text_dim, window_size=window_size,
         img_size=getattr(args, 'img_size', 480), drop_path_rate=0.3, patch_norm=True, out_indices=(0, 1, 2, 3),
         num_heads_fusion=mha, fusion_drop=getattr(args, 'fusion_drop', 0.0),
-        cross_scale=getattr(args, 'cross_scale', 'faithful'))
+        cross_scale=getattr(args, 'cross_scale', 'faithful'),
+        use_checkpoint=getattr(args, 'checkpoint_activations', False))
     backbone.init_weights()
     if pretrained:
         print(f'Initializing Multi-modal Swin Transformer weights from {pretrained} (window size {window_size})')
@@ -94,7 +95,8 @@ class LAVTOne(LAVT):
 def lavt(pretrained='', args=None, text_dim=None):
     """RMSIN with an external BERT. text_dim None -> hidden_size of the BERT config at args.ck_bert."""
     backbone = build_backbone(pretrained, args, _text_dim(args, text_dim))
-    return LAVT(backbone, SimpleDecoding(8 * backbone.embed_dim))
+    decoder = SimpleDecoding(8 * backbone.embed_dim, channels_last=getattr(args, 'channels_last', False))
+    return LAVT(backbone, decoder)
 
 
 def lavt_one(pretrained='', args=None, text_dim=None):
@@ -105,4 +107,5 @@ def lavt_one(pretrained='', args=None, text_dim=None):
     if text_dim is not None and int(text_dim) != hidden:
         raise utils.InputError(f'text_dim {text_dim} differs from the hidden size {hidden} of --ck_bert {args.ck_bert}')
     backbone = build_backbone(pretrained, args, hidden)
-    return LAVTOne(backbone, SimpleDecoding(8 * backbone.embed_dim), text_encoder)
+    decoder = SimpleDecoding(8 * backbone.embed_dim, channels_last=getattr(args, 'channels_last', False))
+    return LAVTOne(backbone, decoder, text_encoder)

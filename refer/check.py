@@ -42,7 +42,10 @@ def category_id_of(record):
 
 
 def _kind(value):
-    return 'None' if value is None else f'a {type(value).__name__}'
+    if value is None:
+        return 'None'
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _is_id(value):

@@ -239,6 +239,12 @@ def test_input_errors_are_one_line(pipeline, splits, small_bert_dir, tmp_path, o
         with pytest.raises(InputError, match="nobert.pth: no 'bert_model' entry"):
             script.main(stage_args(root, small_bert_dir, tmp_path / 'o', 1, '--resume', tmp_path / 'nobert.pth',
                                    *extra))
+    # a finished stage is never replaced silently
+    for script, root, out, extra in ((stage2, splits['mask'], pipeline['s2'], ()),
+                                     (stage3, splits['all'], pipeline['s3'], ('--caption_embedding_path', bank_file))):
+        with pytest.raises(InputError, match=r'holds .* of a finished run; pass --resume .*model_last_lrb.pth to '
+                                             r'continue it or --overwrite to replace it'):
+            script.main(stage_args(root, small_bert_dir, out, 1, '--resume', s1, *extra))
     with pytest.raises(InputError, match='--resume: give the stage-1 checkpoint'):
         stage2.main(stage_args(splits['mask'], small_bert_dir, tmp_path / 'o', 1))
     with pytest.raises(InputError, match='--model lavt_one: .* need --model lavt'):
