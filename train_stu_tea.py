@@ -109,7 +109,8 @@ def run(args, env, batch_size):
     if end_epoch is None:
         return
 
-    joint = lrb.Stage3Joint(ddp_student, teacher, ddp_bert, bank, build_criterion().to(env.device),
+    train_student, train_bert = engine.apply_speed_options(ddp_student, args), engine.apply_speed_options(ddp_bert, args)
+    joint = lrb.Stage3Joint(train_student, teacher, train_bert, bank, build_criterion().to(env.device),
                             bank_optimizer, bank_scheduler, inner_steps=args.caption_inner_steps,
                             update_every=args.caption_update_every, is_weak=is_weak, batch_size=batch_size,
                             world_size=env.world_size, seed=args.seed, steps_per_epoch=len(train_loader),

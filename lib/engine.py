@@ -45,7 +45,14 @@ NUM_BERT_LAYERS_TRAINED = 10
 
 
 def unwrap(module):
-    return module.module if isinstance(module, DistributedDataParallel) else module
+    """The plain module inside torch.compile and DDP wrappers (in either order)."""
+    while True:
+        if isinstance(module, DistributedDataParallel):
+            module = module.module
+        elif isinstance(getattr(module, '_orig_mod', None), nn.Module):  # torch.compile's OptimizedModule
+            module = module._orig_mod
+        else:
+            return module
 
 
 # --- building --------------------------------------------------------------------------------
@@ -205,12 +212,12 @@ def freeze_unoptimized(modules, param_groups):
     return names
 
 
-def build_optimizer(param_groups, args):
-    """AdamW of the reference; `--fused_adamw`: its fused kernel (one launch for all tensors; CUDA and
-    CPU), the same update up to rounding. The implementation chosen here also holds after
-    `load_state_dict`, which would otherwise take the one the checkpoint was saved with."""
+def build_optimizer(param_groups, args, lr=None):
+    """AdamW of the reference (`lr` default: --lr); `--fused_adamw`: its fused kernel (one launch for all
+    tensors; CUDA and CPU), the same update up to rounding. The implementation chosen here also holds
+    after `load_state_dict`, which would otherwise take the one the checkpoint was saved with."""
     fused = bool(getattr(args, 'fused_adamw', False))
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay, amsgrad=args.amsgrad,
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr if lr is None else lr, weight_decay=args.weight_decay, amsgrad=args.amsgrad,
                                   **({'fused': True} if fused else {}))
     optimizer.register_load_state_dict_post_hook(_keep_implementation(fused))
     return optimizer
