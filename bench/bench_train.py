@@ -81,7 +81,8 @@ def measure(args):
     scheduler = engine.build_poly_scheduler(optimizer, args.warmup + args.iters)
     text = engine.text_encoder_of(model, bert)
     batch = synthetic_batch(args.batch_size, args.img_size, text.config.vocab_size)
-    step = engine.supervised_step(model, bert, build_criterion().to(device))
+    step = engine.supervised_step(engine.apply_speed_options(model, args), engine.apply_speed_options(bert, args),
+                                  build_criterion().to(device))  # --compile
     model.train()
 
     def run(n):

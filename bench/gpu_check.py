@@ -3,6 +3,13 @@ time both, and time a training step of the full model. Finishes in a few minutes
 
     python bench/gpu_check.py                  # on a GPU machine; writes $OUT/gpu_check.json if OUT is set
     python bench/gpu_check.py --cpu-smoke      # tiny sizes on CPU: exercises every section's code path
+    python bench/gpu_check.py --original_dir .original   # + our training iteration against the original's
+
+The speed sections (bench/compare_original.py, bench/bench_loader.py): `compare` times the original's
+training iteration and ours (fp32, bf16, each speed option) alternating at the paper's config (Swin-B,
+480 px, batch 2) and a throughput one (batch 8); `memory` runs the paper's config with and without
+--checkpoint_activations under the allocator cap of a 12 GB card; `sync` counts host synchronisations per
+iteration; `loader` times the train DataLoader with the paper's 2 workers per process.
 
 Every figure is printed as one line `gpu_check: <section> <name>: <value>`; every section runs in its own
 try/except, so one failure is printed and the rest still runs.
@@ -349,6 +356,161 @@ def stages_cli(device):
     return figures
 
 
+# ----------------------------------------------------------------------------------------------------------
+# speed options against the original, memory with activation checkpointing, host syncs, data loading
+# (bench/compare_original.py, bench/bench_loader.py)
+
+SMOKE_CONFIG = dict(swin_type='tiny', img_size=64, batch=2, bert_layers=1)  # the smallest the original builds
+SMOKE_CONFIG_OURS = dict(swin_type='nano', img_size=64, batch=2, bert_layers=1, bert_width=64)
+# name: (config, variants, warm-up iterations, rounds, iterations per round). The compiled variant runs last,
+# against its eager twin, and only while the time budget allows; its speed-up over the original is the twin's
+# (paper) times its own over the twin.
+COMPARE_PLAN = {
+    'paper': ('paper', 'original,original_no_ddp,fp32,bf16,bf16+fused_adamw,fp32+channels_last,bf16+channels_last,'
+              'bf16+cudnn_benchmark,bf16+channels_last+cudnn_benchmark,bf16+channels_last+fused_adamw,'
+              'bf16+pin_mem,fp32+checkpoint', 2, 3, 2),
+    'throughput': ('throughput', 'original,fp32,bf16,fp32+channels_last,bf16+channels_last,'
+                   'bf16+channels_last+fused_adamw,bf16+checkpoint', 2, 2, 2),
+    'paper_compile': ('paper', 'bf16+channels_last+fused_adamw,bf16+compile+channels_last+fused_adamw', 2, 3, 2),
+}
+SMOKE_PLAN = {'smoke': (None, 'original,original_no_ddp,fp32,fp32+fused_adamw,fp32+channels_last,fp32+checkpoint',
+                         1, 1, 1)}
+CARD_GIB = 10.5  # what a 12 GB card leaves the allocator after the CUDA context (12e9 B = 11.2 GiB)
+
+
+def _one_thread_on_cpu(fn):
+    """CPU smoke runs of these sections: one thread (small tensors; a busy CPU makes OpenMP threads spin)."""
+    def run(*args, **kwargs):
+        if torch.cuda.is_available():
+            return fn(*args, **kwargs)
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(n)
+    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+    return run
+
+
+def _import_original(original_dir):
+    import compare_original
+    return compare_original.import_original(original_dir) if original_dir else None
+
+
+@_one_thread_on_cpu
+def compare_speed(report, smoke, device, original_dir, reserve_s):
+    """Our training iteration (fp32, bf16, each speed option) against the original's, alternating, same
+    weights; leaves `reserve_s` of the time budget to the sections after it."""
+    import compare_original as co
+    original = _import_original(original_dir)
+    if original is None:
+        log('compare: no --original_dir: ours only')
+    figures = {}
+    for name, (config, variants, warmup, rounds, iters) in (SMOKE_PLAN if smoke else COMPARE_PLAN).items():
+        cfg = (SMOKE_CONFIG if original else SMOKE_CONFIG_OURS) if smoke else co.CONFIGS[config]
+        deadline = report.start + report.time_budget_s - reserve_s
+        compiled = name.endswith('_compile')
+        if compiled and time.perf_counter() > deadline - co.COMPILE_RESERVE_S:
+            report.skip(f'compare {name}', 'time budget used up')
+            continue
+        figures[name] = co.run_comparison(cfg, device=device, original=original, variants=variants.split(','),
+                                          warmup=warmup, rounds=rounds, iters=iters, name=name, deadline=deadline,
+                                          log=lambda line: log(f'compare {line}'), same_model_check=not compiled)
+        if compiled:  # over the original: through the eager twin measured with it above
+            twin, variant = variants.split(',')
+            entry = figures[name]['variants'].get(variant, {})
+            over_twin = entry.get(f'speedup_vs_{twin}')
+            twin_over_original = figures.get(config, {}).get('variants', {}).get(twin, {}).get('speedup_vs_original')
+            if over_twin and twin_over_original:
+                entry['speedup_vs_original'] = over_twin * twin_over_original
+                log(f'compare {name} {variant}: {entry["speedup_vs_original"]:.2f}x the original '
+                    f'({over_twin:.2f}x {twin}, which is {twin_over_original:.2f}x the original)')
+    return figures
+
+
+@_one_thread_on_cpu
+def checkpoint_memory(smoke, device, original_dir):
+    """Peak memory at the paper's config with and without --checkpoint_activations, each alone and (GPU)
+    under an allocator cap of a 12 GB card: does it train there?"""
+    import compare_original as co
+    original = _import_original(original_dir)
+    cfg = dict(SMOKE_CONFIG if original else SMOKE_CONFIG_OURS) if smoke else dict(co.CONFIGS['paper'])
+    cases = [('fp32', 2), ('fp32+checkpoint', 2)] if smoke else \
+        [('original', 2), ('fp32', 2), ('fp32+checkpoint', 2), ('bf16+checkpoint', 8)]
+    cuda = device == 'cuda'
+    figures = {'cap_gib': CARD_GIB if cuda else None}
+    for variant, batch in cases:
+        if variant == 'original' and original is None:
+            continue
+        cfg['batch'] = batch
+        key = f'{variant} batch {batch}'
+        if cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, CARD_GIB * 2 ** 30 / total))
+        try:
+            r = co.run_comparison(cfg, device=device, original=original, variants=[variant], warmup=3, rounds=1,
+                                  iters=1, name=f'memory {key}', log=lambda line: None, same_model_check=False)
+        finally:
+            if cuda:
+                torch.cuda.set_per_process_memory_fraction(1.0)
+        entry = r['variants'][variant]
+        figures[key] = entry
+        if 'error' in entry:
+            log(f'memory {key}: {entry["error"]}' + (f' under the {CARD_GIB} GiB cap' if cuda else ''))
+        elif cuda:
+            log(f'memory {key}: trains under the {CARD_GIB} GiB cap; peak {entry["peak_allocated_gib"]:.2f} GiB '
+                f'allocated, {entry["peak_reserved_gib"]:.2f} GiB reserved')
+        else:
+            log(f'memory {key}: ~{entry["memory_estimate_gib"]:.3f} GiB ({entry["activations_gib"]:.3f} activations)')
+    return figures
+
+
+def host_syncs(device, original_dir, iterations=10):
+    """Host synchronisations in `iterations` steps of our fp32 loop at the paper's config (CUDA sync debug
+    mode), by source line; the loop itself reads the loss back once per print interval and at the end."""
+    import warnings
+    import compare_original as co
+    cfg = co.CONFIGS['paper']
+    _, _, model_sd, bert = co.prepare_weights(cfg, _import_original(original_dir))  # (the weights built above)
+    variant = co.OursVariant(model_sd, bert, cfg, 'fp32', set(), co.synthetic_batch(cfg), torch.device(device))
+    variant.run(2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            variant.run(iterations)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    where = {}
+    for w in caught:
+        if 'synchroniz' in str(w.message):
+            line = f'{os.path.relpath(w.filename, REPO) if w.filename.startswith(str(REPO)) else w.filename}:{w.lineno}'
+            where[line] = where.get(line, 0) + 1
+    log(f'sync {sum(where.values())} host synchronisations in {iterations} iterations'
+        + ''.join(f'; {n} x {line}' for line, n in sorted(where.items(), key=lambda x: -x[1])))
+    del variant
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {'iterations': iterations, 'syncs': sum(where.values()), 'by_line': where}
+
+
+def data_loading(smoke, report):
+    """The train loader at 480 px with the paper's 2 workers and batch 2 per process, against the
+    training step's images/s (the fastest eager variant of the paper config above)."""
+    import bench_loader
+    paper = (report.figures.get('compare') or {}).get('smoke' if smoke else 'paper') or {}
+    rates = [e['images_per_s'] for v, e in paper.get('variants', {}).items()
+             if 'images_per_s' in e and not v.startswith('original')]
+    argv = ['--images', '8', '--image_px', '128', '--img_size', '64', '--batches', '3', '--workers', '1'] if smoke \
+        else ['--images', '64', '--image_px', '800', '--img_size', '480', '--batches', '40', '--workers', '2']
+    if rates:
+        argv += ['--train_images_per_s', str(max(rates))]
+    return bench_loader.run(bench_loader.get_args(argv + ['-b', '2']), log=lambda line: log(line))
+
+
 def write_json(figures, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -366,8 +528,12 @@ def get_args_parser():
     parser.add_argument('--json', default='', help='where to write all figures (default: $OUT/gpu_check.json)')
     parser.add_argument('--build-dir', default='', help='JIT build folder (default: a fresh temporary folder)')
     parser.add_argument('--skip-train', action='store_true', help='skip the training-step benchmark')
-    parser.add_argument('--time-budget', type=float, default=270.0,
+    parser.add_argument('--time-budget', type=float, default=450.0,
                         help='seconds after which remaining sections are skipped')
+    parser.add_argument('--original_dir', default='',
+                        help='a clone of AHideoKuzeA/LRB-WREL: the speed and memory sections compare with it')
+    parser.add_argument('--skip-speed', action='store_true',
+                        help='skip the speed-option, memory, host-sync and data-loading sections')
     return parser
 
 
@@ -408,11 +574,22 @@ def main(argv=None):
             report.skip('train', '--skip-train')
         else:
             report.run('train', training, report, args.cpu_smoke, device)
-            report.run('lrb', lrb_stages, args.cpu_smoke, device)
+        report.run('lrb', lrb_stages, args.cpu_smoke, device)  # not a --skip-train section: it times the LRB stages
         if has_cuda:
             report.run('stages', stages_cli, device)
         else:
             report.skip('stages', 'no CUDA device (tests/test_lrb_cli.py runs the same chain on CPU)')
+        if args.skip_speed:
+            for name in ('compare', 'memory', 'sync', 'loader'):
+                report.skip(name, '--skip-speed')
+        else:
+            report.run('compare', compare_speed, report, args.cpu_smoke, device, args.original_dir, 60)
+            report.run('memory', checkpoint_memory, args.cpu_smoke, device, args.original_dir)
+            if has_cuda:
+                report.run('sync', host_syncs, device, args.original_dir)
+            else:
+                report.skip('sync', 'no CUDA device')
+            report.run('loader', data_loading, args.cpu_smoke, report)
 
     report.figures['total_seconds'] = round(report.elapsed(), 1)
     log(f'total_seconds: {report.elapsed():.1f}')

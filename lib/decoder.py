@@ -126,6 +126,7 @@ class AdaptiveRotatedConv2d(nn.Module):
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.dilation, self.groups, self.kernel_number = dilation, groups, kernel_number
         self.rounting_func = rounting_func  # (sic) the reference's attribute name, kept for its state_dicts
+        self.channels_last = False  # set by SimpleDecoding(channels_last=True)
         self.weight = nn.Parameter(torch.empty(kernel_number, out_channels, in_channels // groups,
                                                kernel_size, kernel_size))
         nn.init.kaiming_normal_(self.weight, mode='fan_out', nonlinearity='relu')
@@ -134,6 +135,13 @@ class AdaptiveRotatedConv2d(nn.Module):
         B, _, H, W = x.shape
         alphas, angles = self.rounting_func(x)
         weight = rotate_kernels(self.weight, alphas, angles)  # [B*Cout, Cin/groups, 3, 3]
+        if self.channels_last:
+            # NHWC: one dense convolution per sample (the layout's fast kernels), no batch folding, which
+            # would need NCHW copies
+            weight = weight.contiguous(memory_format=torch.channels_last)
+            return torch.cat([F.conv2d(x[b:b + 1], weight[b * self.out_channels:(b + 1) * self.out_channels],
+                                       stride=self.stride, padding=self.padding, dilation=self.dilation,
+                                       groups=self.groups) for b in range(B)])
         # every sample convolved with its own kernel: fold the batch into the channel groups
         out = F.conv2d(x.reshape(1, -1, H, W), weight, stride=self.stride, padding=self.padding,
                        dilation=self.dilation, groups=self.groups * B)
@@ -171,6 +179,8 @@ class SimpleDecoding(nn.Module):
             for m in self.modules():
                 if isinstance(m, nn.Conv2d):
                     m.to(memory_format=torch.channels_last)
+                elif isinstance(m, AdaptiveRotatedConv2d):
+                    m.channels_last = True
 
     def _fuse(self, name, x, skip):
         if x.shape[-2] < skip.shape[-2] or x.shape[-1] < skip.shape[-1]:

@@ -146,7 +146,8 @@ def test_template_expressions_without_shared_refs(tmp_path):
     assert all(parse_position(e) is not None for exprs in templates.values() for e in exprs)
     refs_file = tmp_path / 'refs.p'
     refs_file.write_bytes(pickle.dumps([{'ref_id': 1, 'ann_id': 1, 'image_id': 1, 'split': 'train', 'category_id': 0,
-                                         'sentences': [{'raw': 'The expressway service area on the left'}]}]))
+                                         'sent_ids': [1], 'sentences': [{'raw': 'The expressway service area on the left',
+                                                                             'sent_id': 1}]}]))
     with pytest.raises(InputError, match='no positional expressions for Expressway-toll-station'):
         generate(tmp_path / 'out', images=4, size=48, expressions=str(refs_file))
     assert not (tmp_path / 'out').exists()

@@ -1,0 +1,222 @@
+"""Speed and memory options (--checkpoint_activations, --channels_last, --fused_adamw, --compile): each
+changes no math beyond rounding. One CPU training step of the nano RMSIN + small BERT through the engine
+(build_model, build_optimizer, apply_speed_options, train_one_epoch) against the same step without it.
+
+--compile runs with the aot_eager backend here (dynamo capture + AOT autograd), under DDP with the eager
+one (capture and DDP's graph split): inductor's first compile of the model takes many minutes on a small
+CPU. LRB_TEST_INDUCTOR=1 adds the inductor case.
+"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import utils
+from lib import distributed, engine
+from lib.backbone import MMBasicLayer
+from lib.losses import build_criterion
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device('cpu')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_args(bert_dir, *flags):
+    return utils.get_parser().parse_args(
+        ['--device', 'cpu', '--swin_type', 'nano', '--img_size', '64', '--pretrained_swin_weights', '',
+         '--ck_bert', str(bert_dir), '--bert_tokenizer', str(bert_dir), *flags])
+
+
+def make_batch(vocab, batch=2, size=64):
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(batch, 20, dtype=torch.long)
+    mask[:, :7] = 1
+    target = torch.zeros(batch, size, size, dtype=torch.long)
+    target[:, 10:30, 20:50] = 1
+    return {'image': torch.randn(batch, 3, size, size, generator=g), 'target': target,
+            'input_ids': torch.randint(1, vocab, (batch, 20), generator=g) * mask, 'attention_mask': mask}
+
+
+def build(bert_dir, *flags, wrap=None):
+    """Model, BERT and optimizer as train.py builds them (same seed -> same weights)."""
+    args = make_args(bert_dir, *flags)
+    torch.manual_seed(0)
+    model, bert = engine.build_model(args)
+    groups = engine.build_param_groups(model, bert)
+    engine.freeze_unoptimized({'model': model, 'bert': bert}, groups)
+    train_model = wrap(model) if wrap else model
+    optimizer = engine.build_optimizer(groups, args)
+    return args, model, bert, train_model, optimizer
+
+
+def one_step(bert_dir, *flags, wrap=None):
+    """-> (loss, {name: grad}, {name: parameter after the step}, model, optimizer)."""
+    args, model, bert, train_model, optimizer = build(bert_dir, *flags, wrap=wrap)
+    scheduler = engine.build_poly_scheduler(optimizer, 10)
+    step = engine.supervised_step(engine.apply_speed_options(train_model, args), engine.apply_speed_options(bert, args),
+                                  build_criterion())
+    model.train()
+    bert.eval()
+    torch.manual_seed(1)  # the same drop-path / dropout draws
+    loss = engine.train_one_epoch(step, [make_batch(bert.config.vocab_size)], optimizer, scheduler, 0, device=CPU,
+                                  print_freq=1)
+    named = [(f'model.{n}', p) for n, p in model.named_parameters()] + \
+            [(f'bert.{n}', p) for n, p in bert.named_parameters()]
+    grads = {n: p.grad.clone() for n, p in named if p.grad is not None}
+    params = {n: p.detach().clone() for n, p in named}
+    return loss, grads, params, model, optimizer
+
+
+@pytest.fixture(scope='module')
+def baseline(small_bert_dir):
+    return one_step(small_bert_dir)
+
+
+def assert_grads_close(grads, ref, rtol):
+    """Per tensor, relative to the largest gradient of all (some gradients are mathematically zero, e.g.
+    the attention key biases, and hold rounding noise only)."""
+    assert grads.keys() == ref.keys()
+    scale = max(g.abs().max().item() for g in ref.values())
+    for name, g in grads.items():
+        assert (g - ref[name]).abs().max().item() <= rtol * scale, name
+
+
+def test_options_are_off_by_default(small_bert_dir, baseline):
+    args = make_args(small_bert_dir)
+    flags = (args.compile, args.fused_adamw, args.channels_last, args.checkpoint_activations)
+    assert flags == ('', False, False, False)
+    _, _, _, model, optimizer = baseline
+    assert not any(m.use_checkpoint for m in model.modules() if isinstance(m, MMBasicLayer))
+    assert not model.classifier.channels_last
+    assert not optimizer.param_groups[0]['fused']
+    assert engine.apply_speed_options(model, args) is model
+    assert make_args(small_bert_dir, '--compile').compile == 'inductor'
+
+
+def test_checkpoint_activations_gives_the_same_step(small_bert_dir, baseline):
+    loss, grads, params, model, _ = one_step(small_bert_dir, '--checkpoint_activations')
+    layers = [m for m in model.modules() if isinstance(m, MMBasicLayer)]
+    assert layers and all(m.use_checkpoint for m in layers)
+    ref_loss, ref_grads, ref_params = baseline[:3]
+    assert loss == ref_loss
+    assert grads.keys() == ref_grads.keys() and all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+    assert all(torch.equal(params[n], ref_params[n]) for n in params)
+
+
+def test_channels_last_gives_the_same_step(small_bert_dir, baseline):
+    loss, grads, _, model, _ = one_step(small_bert_dir, '--channels_last')
+    convs = [m for m in model.classifier.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    ref_loss, ref_grads = baseline[:2]
+    # the NHWC convolution kernels round differently (one float32 ulp of the loss here), nothing else
+    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+    assert_grads_close(grads, ref_grads, rtol=1e-4)
+    # checkpoints move between the two layouts
+    _, plain, _, _, _ = build(small_bert_dir)
+    engine.load_weights(plain, model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values()))
+
+
+def test_fused_adamw_gives_the_same_step(small_bert_dir, baseline):
+    loss, _, params, _, optimizer = one_step(small_bert_dir, '--fused_adamw')
+    assert all(g['fused'] for g in optimizer.param_groups)
+    ref_loss, _, ref_params = baseline[:3]
+    assert loss == ref_loss
+    eps = torch.finfo(torch.float32).eps
+    for name, p in params.items():  # the fused kernel rounds the update differently: an ulp of the weights
+        ref = ref_params[name]
+        assert (p - ref).abs().max().item() <= 2 * eps * ref.abs().max().item(), name
+
+
+def test_the_optimizer_flag_wins_over_the_checkpoint(small_bert_dir, baseline):
+    _, _, _, _, fused = one_step(small_bert_dir, '--fused_adamw')
+    _, _, _, _, plain = baseline
+    # a fused checkpoint resumed without the flag: plain AdamW, its step count back on the host
+    _, _, _, _, optimizer = build(small_bert_dir)
+    optimizer.load_state_dict(fused.state_dict())
+    assert not any(g['fused'] for g in optimizer.param_groups)
+    steps = [s['step'] for s in optimizer.state.values()]
+    assert steps and all(t.device.type == 'cpu' and t.dtype == torch.float32 and t.item() == 1 for t in steps)
+    # a plain checkpoint resumed with the flag: fused
+    _, _, _, _, optimizer = build(small_bert_dir, '--fused_adamw')
+    optimizer.load_state_dict(plain.state_dict())
+    assert all(g['fused'] for g in optimizer.param_groups)
+    for p in optimizer.state:  # and it steps (the parameters that had a gradient before)
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert all(s['step'].item() == 2 for s in optimizer.state.values())
+
+
+COMPILE_BACKENDS = ['aot_eager'] + (['inductor'] if os.environ.get('LRB_TEST_INDUCTOR') == '1' else [])
+
+
+@pytest.mark.parametrize('backend', COMPILE_BACKENDS)
+def test_compile_gives_the_same_loss(small_bert_dir, baseline, backend):
+    torch._dynamo.reset()
+    loss, grads, _, model, _ = one_step(small_bert_dir, '--compile', backend)
+    ref_loss, ref_grads = baseline[:2]
+    assert abs(loss - ref_loss) <= 1e-4 * abs(ref_loss)
+    assert_grads_close(grads, ref_grads, rtol=1e-3)
+    assert not any(k.startswith('_orig_mod') for k in model.state_dict())  # checkpoints keep their keys
+
+
+def test_compile_under_ddp_gives_the_same_loss(small_bert_dir, baseline):
+    """torch.compile of the DDP-wrapped model (as train.py does under torchrun), 1-process gloo group."""
+    import torch.distributed as dist
+    torch._dynamo.reset()
+    dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        env = distributed.DistEnv(True, 0, 1, 0, CPU)
+        loss, grads, _, _, _ = one_step(small_bert_dir, '--compile', 'eager',
+                                        wrap=lambda m: engine.wrap_for_distributed(m, env))
+    finally:
+        dist.destroy_process_group()
+    ref_loss, ref_grads = baseline[:2]
+    assert abs(loss - ref_loss) <= 1e-4 * abs(ref_loss)
+    assert_grads_close(grads, ref_grads, rtol=1e-3)
+
+
+def test_unknown_compile_backend_is_one_line(small_bert_dir):
+    with pytest.raises(utils.InputError, match='--compile nosuch: unknown torch.compile backend'):
+        engine.check_compile_backend(make_args(small_bert_dir, '--compile', 'nosuch'))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bench/compare_original.py at a tiny size: the original (when a clone is at .original or $LRB_ORIGINAL_DIR)
+# and ours with the same weights give the same logits, and its variants run (the other options' variants
+# differ only in the flags already tested above)
+
+def _original_dir():
+    path = Path(os.environ.get('LRB_ORIGINAL_DIR', REPO / '.original'))
+    return path if (path / 'train.py').is_file() else None
+
+
+def test_compare_original_same_model_and_variants_run():
+    import sys
+    sys.path.insert(0, str(REPO / 'bench'))
+    import compare_original as co
+    original = co.import_original(_original_dir()) if _original_dir() else None
+    cfg = dict(swin_type='tiny', img_size=64, batch=2, bert_layers=1) if original else \
+        dict(swin_type='nano', img_size=64, batch=2, bert_layers=1, bert_width=32)  # (the original needs 768)
+    variants = ['original', 'fp32', 'fp32+checkpoint']
+    lines = []
+    figures = co.run_comparison(cfg, device='cpu', original=original, variants=variants, warmup=1, rounds=1, iters=1,
+                                log=lines.append)
+    ran = figures['variants']
+    assert set(ran) == set(variants[0 if original else 1:]) and not [v for v in ran.values() if 'error' in v]
+    assert all(e['it_per_s'] > 0 and e['memory_estimate_gib'] > 0 for e in ran.values())
+    assert ran['fp32+checkpoint']['activations_gib'] < ran['fp32']['activations_gib']
+    assert figures['flops_per_step'] > 0
+    if original is not None:  # the original rebuilt at 64 px (its 480-px constants shimmed) is our model
+        assert figures['max_abs_logit_diff'] < 1e-5
+        assert ran['fp32']['speedup_vs_original'] > 0
+        assert 'lib' in sys.modules and sys.modules['lib'].__file__.startswith(str(REPO / 'lib'))  # ours again
