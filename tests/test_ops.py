@@ -297,10 +297,11 @@ def _cuda_toolkit_available():
 
 @pytest.mark.skipif(not _cuda_toolkit_available(), reason='needs nvcc on PATH, ninja and a CUDA build of torch')
 def test_cuda_extension_compiles(tmp_path):
-    # A fresh process, so the JIT build starts from nothing; sm_80 and sm_90 as for A100 / H100.
+    # A fresh process, so the JIT build starts from nothing; one architecture (sm_90) is enough to check
+    # that the sources compile (bench/gpu_check.py builds for the GPU it runs on and checks the values).
     script = ('import sys, ops\n'
               'try:\n'
-              '    print(ops.load_extension(build_dir=sys.argv[1], arch_list="8.0;9.0").__name__)\n'
+              '    print(ops.load_extension(build_dir=sys.argv[1], arch_list="9.0").__name__)\n'
               'except ImportError as e:  # built, but this machine cannot load CUDA libraries\n'
               '    print("import failed:", e)\n')
     env = dict(os.environ, MAX_JOBS=os.environ.get('MAX_JOBS', '2'))
