@@ -23,9 +23,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 logger = logging.getLogger('lrb')
@@ -96,6 +98,16 @@ def run_cli(main, argv=None):
     InputError / OutputError -> `prog: error: message` + exit 2; Ctrl-C -> one line saying where the
     last checkpoint is + exit 130; a DataLoader worker killed by the system -> one line + exit 1."""
     prog = sys.argv[0].rsplit('/', 1)[-1] or 'lrb-wrel'
+
+    def on_ctrl_c(signum, frame):
+        # exit from the handler itself: Python's own KeyboardInterrupt can land inside a callback (the
+        # logging lock's at-fork hook when DataLoader workers start), where it is printed and dropped;
+        # an interrupted checkpoint write leaves only a temporary file, cleaned at the next start
+        print(f'\n{prog}: {_interrupted_message()}', file=sys.stderr, flush=True)
+        os._exit(130)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_ctrl_c) if in_main_thread else None
     try:
         return main(argv)
     except InputError as e:
@@ -110,6 +122,9 @@ def run_cli(main, argv=None):
             raise
         print(f'{prog}: error: {message}', file=sys.stderr)
         sys.exit(1)
+    finally:
+        if in_main_thread and previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 # --- flag values ----------------------------------------------------------------------------------
