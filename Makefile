@@ -20,8 +20,8 @@ test: setup
 # the demo: Only Accurate, Naive-WREL and LRB-WREL at 10 % accurate expressions through reproduce.py, the
 # pipeline that makes the paper's table, with a nano RMSIN on CPU. The learning rates are the paper's
 # (3e-5, stage 2 1e-5, stage 3 2e-5, bank 1e-6) scaled by the same factor (1e-3 / 3e-5) for training from scratch.
-# Only Accurate (= stage 1) has 1/7 of the train refs, so it gets 20 epochs (with 8 it stayed at the trivial
-# score for 2 of 3 seeds) and the LRB teacher is its model_epoch_15.pth, as in the original; the others get 7.
+# Only Accurate (= stage 1) has 51 train refs (6 iterations per epoch), so it gets 20 epochs (with 8, seed 1
+# never left the trivial score) and the LRB teacher is its model_epoch_15.pth, as in the original; the others get 7.
 DEMO_IMAGES ?= 600
 DEMO_EPOCHS ?= 7
 DEMO_STAGE1_EPOCHS ?= 20

@@ -1,0 +1,268 @@
+"""reproduce.py, the pipeline behind the paper's table, through its command line on the demo data (40 images,
+64 px, nano Swin, small BERT, CPU, 1 epoch per step, 2 shares): the table has every method and share and
+agrees with test.py's files; a second run reuses every step; an interrupted training step continues from
+its model_last; a changed configuration is refused; --fresh redoes every step; a failing step stops the
+pipeline with one line; bad input is one line before anything runs."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARES = ('10', '50')
+METHOD_LABELS = ('Only Accurate', 'Naive-WREL', 'LRB-WREL')
+STEPS_PER_SHARE = 11  # splits, 4 trainings, 3 methods x 2 splits of test.py
+
+
+def pipeline_args(demo_root, small_bert_dir, out, *extra):
+    return ['--refer_data_root', demo_root, '--dataset', 'rrsisd', '--ratios', *SHARES, '--device', 'cpu',
+            '--jobs', '2', '--swin_type', 'nano', '--img_size', '64', '--pretrained_swin_weights', '',
+            '--ck_bert', small_bert_dir, '--epochs', '1', '--teacher_epoch', 'last', '--batch_size', '4',
+            '--workers', '0', '--lr', '1e-3', '--stage2_lr', '1e-2', '--stage3_lr', '1e-3', '--caption_lr', '1e-2',
+            '--figure_samples', '2', '--output_dir', out, *extra]
+
+
+def run(args, check=True, env_extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', **(env_extra or {}))
+    proc = subprocess.run([sys.executable, str(REPO / 'reproduce.py')] + [str(a) for a in args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'reproduce.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}')
+    return proc
+
+
+def step_lines(stdout, word):
+    """Names of the steps whose status line says `word` (reused / running / continuing)."""
+    return re.findall(rf'\] (\S+): {word}', stdout)
+
+
+def read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def snapshot(out):
+    """Every file's modification time (ns) and size under the pipeline folder, but the table and figure."""
+    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob('*')
+            if p.is_file() and p.name not in ('table.md', 'table.json', 'figure.png', 'pipeline.json')}
+
+
+@pytest.fixture(scope='module')
+def pipeline(demo_root, small_bert_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp('reproduce') / 'out'
+    args = pipeline_args(demo_root, small_bert_dir, out)
+    proc = run(args)
+    return {'out': out, 'args': args, 'proc': proc, 'files': snapshot(out)}
+
+
+def test_table_has_every_method_and_share(pipeline):
+    out, proc = pipeline['out'], pipeline['proc']
+    table = read(out / 'table.json')
+    rows = [(r['ratio'], r['method']) for r in table['rows']]
+    assert rows == [(float(s), m) for s in SHARES for m in METHOD_LABELS]
+    for row in table['rows']:
+        share, method = row['ratio'], row['method']
+        key = {'Only Accurate': 'only-accurate', 'Naive-WREL': 'naive-wrel', 'LRB-WREL': 'lrb-wrel'}[method]
+        for split in ('val', 'test'):
+            result = read(out / 'results' / f'acc{int(share)}-{key}-{split}.json')  # test.py's own file
+            assert row[f'oIoU_{split}'] == round(result['oIoU'], 2)
+            assert row[f'mIoU_{split}'] == round(result['mIoU'], 2)
+            assert result['split'] == split and result['checkpoint'] == row['checkpoint']
+            assert row[f'num_sentences_{split}'] == {'val': 4, 'test': 8}[split]  # every sentence of the split
+        expected = {'only-accurate': 'acc{}-only-accurate/model_best_RMSIN.pth',
+                    'naive-wrel': 'acc{}-naive-wrel/model_best_RMSIN.pth',
+                    'lrb-wrel': 'acc{}-lrb-stage3/model_best_oIoU_RMSIN.pth'}[key].format(int(share))
+        assert row['checkpoint'].endswith(expected)
+    assert table['config']['epochs'] == {k: 1 for k in ('stage1', 'naive', 'stage2', 'stage3', 'full')}
+    assert 'model_last' in table['config']['teacher']
+    assert re.fullmatch(r'[0-9a-f]{40}', table['git']['commit'] or '')
+    assert 0 < table['trivial']['test']['oIoU'] < 10  # objects cover a few % of a demo image
+
+    md = (out / 'table.md').read_text()
+    assert '| Ratio | Method | oIoU Val | oIoU Test | mIoU Val | mIoU Test |' in md
+    assert md.count('| 10%') == 1 and md.count('| 50%') == 1 and md.count('LRB-WREL |') == 2
+    assert md.split('| Ratio')[1] in proc.stdout  # the table is printed at the end
+    assert (out / 'figure.png').is_file() and str(out / 'figure.png') in proc.stdout
+
+
+def test_steps_are_the_real_scripts_with_their_inputs(pipeline):
+    out = pipeline['out']
+    names = [p.name for p in (out / 'stages').iterdir()]
+    assert len(names) == 2 * STEPS_PER_SHARE
+    for name in names:  # every step has its manifest (its exact command line) and its own log
+        manifest = read(out / 'stages' / name / 'stage.json')
+        assert manifest['step'] == name and manifest['command'][0] == sys.executable
+        assert (out / 'logs' / f'{name}.log').read_text().count('\n===== ') == 1
+    s2 = read(out / 'stages' / 'acc10-lrb-stage2' / 'stage.json')['command']
+    s3 = read(out / 'stages' / 'acc10-lrb-stage3' / 'stage.json')['command']
+    splits = read(out / 'stages' / 'acc10-splits' / 'stage.json')['command']
+    assert Path(s2[1]).name == 'train_stu_base.py' and Path(s3[1]).name == 'train_stu_tea.py'
+    assert splits[splits.index('--ratios') + 1] == '90'  # 10 % accurate = 90 % weak
+    teacher = str(out / 'stages' / 'acc10-only-accurate' / 'model_last_RMSIN.pth')
+    assert s2[s2.index('--resume') + 1] == teacher == s3[s3.index('--resume') + 1]
+    assert s2[s2.index('--refer_data_root') + 1].endswith('rrsisd-90-mask')
+    assert s3[s3.index('--refer_data_root') + 1].endswith('rrsisd-90-all')
+    assert s3[s3.index('--caption_embedding_path') + 1] == str(out / 'stages' / 'acc10-lrb-stage2' /
+                                                               'caption_embeddings_RMSIN.pt')
+    stdout = pipeline['proc'].stdout
+    assert 'acc10-naive-wrel: epoch 1/1 done, val oIoU' in stdout and 'step eta' in stdout
+    assert 'acc10-lrb-stage2: epoch 1/1 done, weak train oIoU' in stdout
+
+
+def test_second_run_reuses_every_step(pipeline):
+    proc = run(pipeline['args'])
+    assert sorted(step_lines(proc.stdout, 'reused')) == sorted(p.name for p in (pipeline['out'] / 'stages').iterdir())
+    assert not step_lines(proc.stdout, 'running') and not step_lines(proc.stdout, 'continuing')
+    assert snapshot(pipeline['out']) == pipeline['files']  # no checkpoint, result or log touched
+
+
+def test_changed_configuration_is_refused(pipeline):
+    proc = run(pipeline['args'] + ['--naive_epochs', '2'], check=False)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert re.match(r'reproduce.py: error: step acc10-naive-wrel in \S+ finished with another configuration '
+                    r'\(--epochs 1 -> 2\); pass --fresh', line), line
+    assert snapshot(pipeline['out']) == pipeline['files']
+
+
+def test_interrupted_step_continues_from_its_last_checkpoint(pipeline):
+    """As if stage 3 had been killed after its last checkpoint: its manifest says started, not finished. The
+    rerun continues it with --resume model_last (not from the teacher); what depends on it is redone, the
+    rest reused."""
+    out = pipeline['out']
+    stage = out / 'stages' / 'acc50-lrb-stage3'
+    done = read(stage / 'stage.json')
+    (stage / 'stage.json').unlink()
+    (stage / 'started.json').write_text(json.dumps({'step': stage.name, 'config': done['config']}))
+    proc = run(pipeline['args'])
+    assert step_lines(proc.stdout, 'continuing') == ['acc50-lrb-stage3']
+    assert sorted(step_lines(proc.stdout, 'running')) == ['acc50-lrb-wrel-test', 'acc50-lrb-wrel-val']
+    assert len(step_lines(proc.stdout, 'reused')) == 2 * STEPS_PER_SHARE - 3
+    log = (out / 'logs' / 'acc50-lrb-stage3.log').read_text().split('\n===== ')[-1]
+    assert f'--resume {stage / "model_last_RMSIN.pth"}' in log.splitlines()[0]
+    assert 'nothing to do: the checkpoint already finished epoch 0 of 1' in log
+    assert read(stage / 'stage.json')['result_id'] != done['result_id'] and not (stage / 'started.json').exists()
+
+
+@pytest.fixture(scope='module')
+def failing(demo_root, small_bert_dir, tmp_path_factory):
+    """A pipeline whose training steps fail (train.py refuses the flag): its splits steps finish first."""
+    out = tmp_path_factory.mktemp('failing') / 'out'
+    args = pipeline_args(demo_root, small_bert_dir, out, '--extra_args', '--cross_scale bogus')
+    return out, args, run(args, check=False)
+
+
+def test_failing_step_stops_the_pipeline_with_one_line(failing):
+    out, _, proc = failing
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert re.match(r"reproduce.py: error: step acc10-(only-accurate|naive-wrel) failed \(exit 2\): "
+                    r"train.py: error: argument --cross_scale: invalid choice: 'bogus'.*; log: \S+\.log$", line), line
+    assert Path(line.rsplit('log: ', 1)[1]).is_file()
+    finished = sorted(p.parent.name for p in (out / 'stages').glob('*/stage.json'))
+    assert 'acc10-splits' in finished  # what finished is kept
+    assert all(name.endswith('-splits') for name in finished)  # no training finished, no test ran
+    assert not (out / 'results').exists() and not (out / 'table.md').exists()
+
+
+def test_fresh_redoes_finished_steps(failing):
+    """Without --fresh the finished splits step is reused; with it, every step runs again."""
+    out, args, _ = failing
+    before = read(out / 'stages' / 'acc10-splits' / 'stage.json')['result_id']
+    again = run(args, check=False)
+    assert again.returncode == 2 and 'acc10-splits' in step_lines(again.stdout, 'reused')
+    assert read(out / 'stages' / 'acc10-splits' / 'stage.json')['result_id'] == before
+    fresh = run(args + ['--fresh'], check=False)
+    assert fresh.returncode == 2 and not step_lines(fresh.stdout, 'reused')
+    assert 'acc10-splits' in step_lines(fresh.stdout, 'running')
+    assert read(out / 'stages' / 'acc10-splits' / 'stage.json')['result_id'] != before
+    assert (out / 'logs' / 'acc10-splits.log').read_text().count('\n===== ') == 1  # the old logs went too
+
+
+# --- bad input: one line, before anything is written --------------------------------------------------------
+
+@pytest.fixture
+def reproduce():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('_reproduce', REPO / 'reproduce.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize('change,message', [
+    ({'--refer_data_root': '/nonexistent/data'}, '--refer_data_root /nonexistent/data: no such directory'),
+    ({'--ratios': '0'}, '--ratios 0: an accurate share must be within 1-99 percent'),
+    ({'--ratios': '100'}, '--ratios 100: an accurate share must be within 1-99 percent'),
+    ({'--ratios': '120'}, '--ratios 120: an accurate share must be within 1-99 percent'),
+    ({'--teacher_epoch': '15'}, r'--teacher_epoch 15: the Only-Accurate run has 1 epochs \(0-0\), so it never '
+                                r'writes model_epoch_15.pth'),
+    ({'--teacher_epoch': '12'}, '--teacher_epoch 12: train.py writes model_epoch_N.pth only at N = 10, 15, 20'),
+    ({'--extra_args': '--epochs 3'}, '--extra_args: --epochs is set by reproduce.py itself'),
+    ({'--pretrained_swin_weights': '/nonexistent/swin.pth'}, '--pretrained_swin_weights /nonexistent/swin.pth: '
+                                                             'file not found'),
+    ({'--ck_bert': '/nonexistent/bert'}, '--ck_bert /nonexistent/bert: no such folder'),
+    ({'--device': 'cuda', '--nproc_per_node': '4'}, r'--nproc_per_node 4: larger than the 2 GPU\(s\) present'),
+    ({'--device': 'auto', '--nproc_per_node': '4'}, r'--nproc_per_node 4: larger than the 2 GPU\(s\) present'),
+    ({'--jobs': '2', '--device': 'cuda'}, '--jobs 2: steps can run side by side only on CPU'),
+])
+def test_bad_input_is_one_line_before_anything_runs(reproduce, demo_root, small_bert_dir, tmp_path, monkeypatch,
+                                                    change, message):
+    from utils import InputError
+    monkeypatch.setattr(reproduce, 'visible_gpus', lambda: 2)
+    args = pipeline_args(demo_root, small_bert_dir, tmp_path / 'out')
+    args = [str(a) for a in args]
+    for flag, value in change.items():
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    with pytest.raises(InputError, match=message):
+        reproduce.main(args)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_nproc_larger_than_the_gpus_present_as_a_user_sees_it(demo_root, small_bert_dir, tmp_path):
+    proc = run(pipeline_args(demo_root, small_bert_dir, tmp_path / 'out', '--nproc_per_node', '2', '--device', 'auto'),
+               check=False, env_extra={'CUDA_VISIBLE_DEVICES': ''})
+    assert proc.returncode == 2 and proc.stdout == ''
+    assert proc.stderr.strip() == ('reproduce.py: error: --nproc_per_node 2: larger than the 0 GPUs present '
+                                   '(pass --device cpu for CPU processes)')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_foreign_output_folder_is_refused(reproduce, demo_root, small_bert_dir, tmp_path):
+    from utils import InputError
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'notes.txt').write_text('mine')
+    with pytest.raises(InputError, match='holds files but no pipeline.json'):
+        reproduce.main([str(a) for a in pipeline_args(demo_root, small_bert_dir, tmp_path / 'out')])
+    assert os.listdir(tmp_path / 'out') == ['notes.txt']
+
+
+def test_launcher_command_lines(reproduce, demo_root, small_bert_dir, tmp_path, monkeypatch):
+    """1 process: plain python; several: torchrun --standalone; several nodes: torchrun with the node flags."""
+    monkeypatch.setattr(reproduce, 'visible_gpus', lambda: 4)
+    base = [str(a) for a in pipeline_args(demo_root, small_bert_dir, tmp_path / 'out')]
+    base[base.index('--jobs') + 1] = '1'
+
+    def commands(*extra):
+        cfg = reproduce.validate(reproduce.build_parser().parse_args(base + list(extra)))
+        plan = reproduce.Plan(cfg)
+        steps = {s.kind: s for s in plan.steps}
+        return {k: reproduce.launcher(cfg, s) for k, s in steps.items()}
+
+    one = commands()
+    assert one['train'] == [sys.executable, str(REPO / 'train_stu_tea.py')]
+    four = commands('--device', 'cuda', '--nproc_per_node', '4', '--batch_size', '8')
+    assert four['train'][:5] == [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=4', '--standalone']
+    assert four['test'][-1] == str(REPO / 'test.py') and '--nproc_per_node=4' in four['test']
+    assert four['splits'] == [sys.executable, str(REPO / 'mask_train_only.py')]  # one process: it is not a training
+    nodes = commands('--device', 'cuda', '--nproc_per_node', '4', '--batch_size', '8', '--nnodes', '2', '--node_rank', '1',
+                     '--master_addr', '10.0.0.1', '--master_port', '12345', '--torchrun_args', '--max_restarts 0')
+    assert nodes['train'][3:-1] == ['--nproc_per_node=4', '--nnodes=2', '--node_rank=1', '--master_addr=10.0.0.1',
+                                    '--master_port=12345', '--max_restarts', '0']
