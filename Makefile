@@ -30,7 +30,7 @@ DEMO_SEED ?= 2401
 demo: setup
 	$(PY) -m refer.demo_data --out $(DEMO)/data --images $(DEMO_IMAGES) --size 64 --seed 0 --overwrite
 	$(PY) -m bert.build_small --refer_data_root $(DEMO)/data --dataset rrsisd --out $(DEMO)/bert --overwrite
-	@echo "demo: 4 trainings + 6 tests at 10 % accurate expressions, 2 steps at a time (about 13 minutes on 2 cores)"
+	@echo "demo: 4 trainings + 6 tests at 10 % accurate expressions, 2 steps at a time (about 8 minutes on 2 idle cores)"
 	$(PY) reproduce.py --refer_data_root $(DEMO)/data --dataset rrsisd --ratios 10 \
 		--swin_type nano --img_size 64 --pretrained_swin_weights '' --ck_bert $(DEMO)/bert \
 		--epochs $(DEMO_EPOCHS) --stage1_epochs $(DEMO_STAGE1_EPOCHS) --teacher_epoch 15 --batch_size 8 --seed $(DEMO_SEED) \

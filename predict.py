@@ -340,7 +340,7 @@ def build(args, checkpoint):
     from bert.encoder import load_tokenizer
     tokenizer = load_tokenizer(args.bert_tokenizer)
     with contextlib.redirect_stdout(sys.stderr):  # the model builder prints; stdout is for JSON lines
-        model, bert = engine.build_model(args, pretrained='')
+        model, bert = engine.build_model(args, pretrained='', checkpoint=checkpoint)
     key = engine.load_model_and_bert(checkpoint, model, bert, key=args.weights_key, source=args.resume)
     model.eval()
     if bert is not None:

@@ -985,6 +985,20 @@ def table_markdown(rows, meta):
     return '\n'.join(lines)
 
 
+def describe_git(g):
+    return f"{g.get('commit') or 'unknown'}{' (with uncommitted changes)' if g.get('dirty') else ''}"
+
+
+def steps_git(plan):
+    """{step: the git commit (and dirtiness) it ran at}, from the manifests of the finished steps."""
+    out = {}
+    for step in plan.steps:
+        done = read_json(plan.stage_dir(step.name) / 'stage.json')
+        if done and isinstance(done.get('git'), dict):
+            out[step.name] = done['git']
+    return out
+
+
 def write_table(plan, trivial):
     cfg, a = plan.cfg, plan.cfg.args
     rows = table_rows(plan)
@@ -1001,7 +1015,7 @@ def write_table(plan, trivial):
         'amp': a.amp, 'extra_args': a.extra_args, 'device': cfg.device, 'processes': cfg.world,
         'checkpoints': 'each run\'s best val-oIoU checkpoint (model_best; LRB-WREL: stage 3\'s model_best_oIoU)'}
     data = {'dataset': a.dataset, 'columns': ['ratio', 'method'] + [f'{m}_{s}' for m, s in COLUMNS], 'rows': rows,
-            'trivial': trivial, 'config': config, 'git': g, 'written': now()}
+            'trivial': trivial, 'config': config, 'git': g, 'steps_git': steps_git(plan), 'written': now()}
     epochs = cfg.epochs
     e_text = (f'{epochs["stage1"]} epochs each' if len(set(epochs.values())) == 1 else
               f'Only Accurate {epochs["stage1"]}, Naive-WREL {epochs["naive"]}, LRB stage 2 {epochs["stage2"]}, '
@@ -1017,7 +1031,9 @@ def write_table(plan, trivial):
         notes.append('Every pixel predicted as the object scores oIoU {:.2f} / {:.2f} and mIoU {:.2f} / {:.2f} '
                      '(val / test).'.format(trivial['val']['oIoU'], trivial['test']['oIoU'],
                                             trivial['val']['mIoU'], trivial['test']['mIoU']))
-    notes.append(f"Code: git commit {g['commit'] or 'unknown'}{' (with uncommitted changes)' if g['dirty'] else ''}.")
+    ran = sorted({describe_git(v) for v in data['steps_git'].values()})
+    notes.append(f"Code: the steps ran at git commit {', '.join(ran) or 'unknown'}; table written at "
+                 f'{describe_git(g)}.' if ran != [describe_git(g)] else f'Code: git commit {describe_git(g)}.')
     markdown = (f'## {a.dataset}: Only Accurate vs Naive-WREL vs LRB-WREL\n\n' + table_markdown(rows, data) + '\n\n'
                 + '\n'.join(f'- {n}' for n in notes) + '\n')
     write_json(cfg.out / 'table.json', data)

@@ -59,7 +59,7 @@ def run(args, env):
     loader = engine.build_eval_loader(dataset, distributed.per_process_workers(args.workers, env.world_size),
                                       args.pin_mem, args.split)
 
-    model, bert = engine.build_model(args, pretrained='')
+    model, bert = engine.build_model(args, pretrained='', checkpoint=checkpoint)
     key = engine.load_model_and_bert(checkpoint, model, bert, key=args.weights_key, source=args.resume)
     del checkpoint
     model.to(env.device).eval()

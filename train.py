@@ -31,13 +31,13 @@ def run(args, env, batch_size):
                         resume=args.resume, overwrite=args.overwrite, resume_hint=f'model_last_{args.model_id}.pth')
     engine.start_run(args, env, batch_size)
     _, _, train_loader, val_loader = engine.build_data(args, env, batch_size)
-    model, bert = engine.build_model(args, pretrained='' if args.resume else None)  # resume: weights come next
+    checkpoint = engine.load_checkpoint(args.resume, trust=args.trust_checkpoint) if args.resume else None
+    # resume: the weights come from the checkpoint, next
+    model, bert = engine.build_model(args, pretrained='' if args.resume else None, checkpoint=checkpoint)
     model.to(env.device)
     if bert is not None:
         bert.to(env.device)
-    checkpoint = None
-    if args.resume:
-        checkpoint = engine.load_checkpoint(args.resume, trust=args.trust_checkpoint)
+    if checkpoint is not None:
         engine.load_model_and_bert(checkpoint, model, bert, key='model', source=args.resume)
 
     groups = engine.build_param_groups(model, bert)

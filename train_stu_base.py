@@ -54,7 +54,7 @@ def run(args, env, batch_size):
                        f'expressions; the bank learns rows for all of them, as the original (the mask data '
                        f'root holds weak refs only)')
 
-    model, bert = engine.build_model(args, pretrained='')
+    model, bert = engine.build_model(args, pretrained='', checkpoint=checkpoint)
     engine.load_model_and_bert(checkpoint, model, bert, key='model', source=args.resume)
     for p in list(model.parameters()) + list(bert.parameters()):
         p.requires_grad_(False)

@@ -65,7 +65,7 @@ def run(args, env, batch_size):
         bank_source = f'--caption_embedding_path {args.caption_embedding_path}'
     train_set, _, train_loader, val_loader = engine.build_data(args, env, batch_size)
 
-    student, bert = engine.build_model(args, pretrained='')
+    student, bert = engine.build_model(args, pretrained='', checkpoint=checkpoint)
     bank.check_dim(bert.config.hidden_size, bank_source)
     bank.check_covers(train_set, bank_source)
     engine.load_model_and_bert(checkpoint, student, bert, key='student_model' if resuming else 'model',

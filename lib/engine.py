@@ -57,11 +57,28 @@ def unwrap(module):
 
 # --- building --------------------------------------------------------------------------------
 
-def build_model(args, pretrained=None):
-    """RMSIN for args.model; for 'lavt' also the separate BERT (pooler removed). -> (model, bert|None)."""
+def checkpoint_window_size(checkpoint):
+    """Swin window size of a checkpoint's visual weights, read from a relative-position table
+    ((2w - 1)^2 rows), or None."""
+    for key in ('model', 'student_model'):
+        state = checkpoint.get(key) if isinstance(checkpoint, dict) else None
+        for name, value in (state.items() if isinstance(state, dict) else ()):
+            if name.endswith('relative_position_bias_table') and hasattr(value, 'shape'):
+                return (round(value.shape[0] ** 0.5) + 1) // 2
+    return None
+
+
+def build_model(args, pretrained=None, checkpoint=None):
+    """RMSIN for args.model; for 'lavt' also the separate BERT (pooler removed). -> (model, bert|None).
+
+    checkpoint: the weights that will be loaded next; a window-12 checkpoint gets a window-12 Swin without
+    --window12 (the original's stage scripts and test.py took the window from the weights file's name)."""
     from lib import segmentation
     from bert.encoder import load_bert
 
+    if checkpoint is not None and checkpoint_window_size(checkpoint) == 12 and not args.window12:
+        logger.info('Swin window size 12, as the checkpoint\'s weights')
+        args = argparse.Namespace(**{**vars(args), 'window12': True})
     pretrained = args.pretrained_swin_weights if pretrained is None else pretrained
     if pretrained and not os.path.isfile(pretrained):
         raise InputError(f"--pretrained_swin_weights {pretrained}: file not found "

@@ -255,3 +255,20 @@ def test_input_errors_are_one_line(pipeline, splits, small_bert_dir, tmp_path, o
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith('train_stu_tea.py: error: --caption_embedding_path')
     assert 'Traceback' not in proc.stderr
+
+
+def test_window_size_follows_the_checkpoint(small_bert_dir, demo_root):
+    """A window-12 stage-1 checkpoint (Swin weights *window12*.pth) loads in the stage scripts and test.py
+    without --window12, as in the original, whose stage scripts took the window from the weights' name."""
+    import argparse
+    from lib import engine
+    import utils
+    args = utils.get_parser().parse_args(common_args(demo_root, small_bert_dir) + ['--window12'])
+    model, _ = engine.build_model(args, pretrained='')
+    checkpoint = {'model': model.state_dict()}
+    assert engine.checkpoint_window_size(checkpoint) == 12
+    plain = argparse.Namespace(**{**vars(args), 'window12': False})
+    rebuilt, bert = engine.build_model(plain, pretrained='', checkpoint=checkpoint)
+    engine.load_model_and_bert({'model': checkpoint['model'], 'bert_model': bert.state_dict()}, rebuilt, bert)
+    window7, _ = engine.build_model(plain, pretrained='')
+    assert engine.checkpoint_window_size({'model': window7.state_dict()}) == 7
