@@ -13,7 +13,7 @@ import logging
 import time
 
 import utils
-from lib import distributed, engine
+from lib import engine
 from lib.losses import build_criterion
 
 logger = logging.getLogger('lrb')

@@ -18,7 +18,7 @@ import logging
 import os
 
 import utils
-from lib import distributed, engine, lrb
+from lib import engine, lrb
 from lib.losses import build_criterion
 
 logger = logging.getLogger('lrb')
@@ -31,19 +31,11 @@ def main(argv=None):
 
 
 def validate_args(args):
-    batch_size = engine.validate_training_args(args)
-    if not args.resume:
-        raise utils.InputError('--resume: give the stage-1 checkpoint (the teacher, e.g. model_epoch_15.pth) '
-                               'or a stage-2 model_last_<id>.pth to continue')
-    lrb.check_lavt(args)
-    return batch_size
+    return lrb.validate_stage_args(args, STAGE)
 
 
 def run(args, env, batch_size):
-    engine.start_run(args, env, batch_size)
-    checkpoint = engine.load_checkpoint(args.resume, trust=args.trust_checkpoint)
-    resuming = lrb.checkpoint_stage(checkpoint) == STAGE
-    lrb.guard_stage_run(args, STAGE, resuming)
+    checkpoint, resuming = lrb.open_stage_run(args, env, batch_size, STAGE)
     train_set, _, train_loader, val_loader = engine.build_data(args, env, batch_size, val_split='train')
     weak = lrb.weak_ref_ids(train_set)
     if not weak:

@@ -24,7 +24,7 @@ import os
 import torch
 
 import utils
-from lib import distributed, engine, lrb
+from lib import engine, lrb
 from lib.losses import build_criterion
 
 logger = logging.getLogger('lrb')
@@ -37,24 +37,16 @@ def main(argv=None):
 
 
 def validate_args(args):
-    batch_size = engine.validate_training_args(args)
     for flag in ('caption_inner_steps', 'caption_update_every'):
         if getattr(args, flag) < 1:
             raise utils.InputError(f'--{flag} {getattr(args, flag)}: must be >= 1')
     if not math.isfinite(args.caption_lr) or args.caption_lr <= 0:
         raise utils.InputError(f'--caption_lr {args.caption_lr}: must be a positive number')
-    if not args.resume:
-        raise utils.InputError('--resume: give the stage-1 checkpoint (student and teacher start from it) '
-                               'or a stage-3 model_last_<id>.pth to continue')
-    lrb.check_lavt(args)
-    return batch_size
+    return lrb.validate_stage_args(args, STAGE)
 
 
 def run(args, env, batch_size):
-    engine.start_run(args, env, batch_size)
-    checkpoint = engine.load_checkpoint(args.resume, trust=args.trust_checkpoint)
-    resuming = lrb.checkpoint_stage(checkpoint) == STAGE
-    lrb.guard_stage_run(args, STAGE, resuming)
+    checkpoint, resuming = lrb.open_stage_run(args, env, batch_size, STAGE)
     if resuming:
         bank = lrb.ReferenceBank.from_state(checkpoint.get('caption_bank'), f'--resume {args.resume}')
         bank_source = f'--resume {args.resume}'

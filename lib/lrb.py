@@ -382,6 +382,27 @@ def check_lavt(args):
                          f'stages need --model lavt (as the original)')
 
 
+def validate_stage_args(args, stage):
+    """Flag checks of a stage script (before any process group) -> per-process batch size."""
+    batch_size = engine.validate_training_args(args)
+    if not args.resume:
+        starts = 'the teacher' if stage == 2 else 'student and teacher start from it'
+        raise InputError(f'--resume: give the stage-1 checkpoint ({starts}, e.g. model_epoch_15.pth) or a '
+                         f'stage-{stage} model_last_<id>.pth to continue')
+    check_lavt(args)
+    return batch_size
+
+
+def open_stage_run(args, env, batch_size, stage):
+    """Logging and seeding, --resume loaded, the run folder guarded -> (checkpoint, resuming: --resume is a
+    checkpoint of this stage to continue, not the stage-1 teacher)."""
+    engine.start_run(args, env, batch_size)
+    checkpoint = engine.load_checkpoint(args.resume, trust=args.trust_checkpoint)
+    resuming = checkpoint_stage(checkpoint) == stage
+    guard_stage_run(args, stage, resuming)
+    return checkpoint, resuming
+
+
 def checkpoint_stage(checkpoint):
     """2 or 3 for this codebase's stage-2 / stage-3 training checkpoints (resumable), else None."""
     return checkpoint.get('lrb_stage') if isinstance(checkpoint, dict) else None
