@@ -18,7 +18,6 @@ continue with --resume).
 """
 import copy
 import logging
-import math
 import os
 
 import torch
@@ -37,12 +36,7 @@ def main(argv=None):
 
 
 def validate_args(args):
-    for flag in ('caption_inner_steps', 'caption_update_every'):
-        if getattr(args, flag) < 1:
-            raise utils.InputError(f'--{flag} {getattr(args, flag)}: must be >= 1')
-    if not math.isfinite(args.caption_lr) or args.caption_lr <= 0:
-        raise utils.InputError(f'--caption_lr {args.caption_lr}: must be a positive number')
-    return lrb.validate_stage_args(args, STAGE)
+    return lrb.validate_stage_args(args, STAGE)  # --caption_lr / _inner_steps / _update_every: utils.FLAG_RULES
 
 
 def run(args, env, batch_size):

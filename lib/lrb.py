@@ -411,9 +411,6 @@ def checkpoint_stage(checkpoint):
 def build_bank_optimizer(bank, lr, args):
     """AdamW on the whole bank tensor, as the original (weight decay reaches every row at every step);
     --wd, --amsgrad and --fused_adamw as for the model."""
-    import math
-    if not math.isfinite(lr) or lr <= 0:
-        raise InputError(f'learning rate {lr}: must be a positive number')
     return engine.build_optimizer([{'params': [bank.embedding]}], args, lr=lr)
 
 
