@@ -19,14 +19,19 @@ same CPU-resident batch, which each loop moves to the device itself. Variants (`
   fp32, bf16        ours: `engine.train_one_epoch` without / with --amp (TF32 is allowed on both, as the
                     original enables it)
   BASE+OPTION...    with speed options: compile, fused_adamw, channels_last, checkpoint (activations),
-                    pin_mem (pinned host batch), cudnn_benchmark (no flag yet: cudnn.benchmark while it runs)
+                    pin_mem (pinned host batch), cudnn_benchmark (no flag yet: cudnn.benchmark while it runs),
+                    ddp (DDP in a 1-process group, as train.py under torchrun: the paper's 4-GPU setting)
 Timing: warm-up (compiles happen there), then --rounds rounds that each run every variant for --iters
 iterations in turn, so drift on a shared machine hits all alike; the median round is reported. Compiled
 variants are timed afterwards, alternating with their eager twin: the compiler leaves a large heap, which
 the original's per-iteration gc.collect would have to scan.
-Memory: on a GPU, the peak allocated while a variant warms up minus what was allocated before it was
-built (its weights, gradients, optimizer state and activations); on the CPU, an estimate: the bytes
-autograd saves for backward plus weights, gradients and optimizer state.
+Memory: the peak of bytes allocated to tensors while a variant is built and warms up, counted from just
+before it was built (its weights, DDP buckets, gradients, optimizer state, activations, temporaries). On a
+GPU from the caching allocator's statistics; on the CPU by following every tensor storage alive
+(`PeakTensorMemory`), with AdamW on the multi-tensor path a GPU takes by default, so that the figure stands
+for the GPU's (H100, Swin-B 480 batch 2: 6.96 / 4.65 GiB allocated on the GPU, 7.05 / 4.67 GiB counted
+on the CPU, without / with the Swin-only checkpointing of then). Also on the CPU: the bytes autograd saves
+for the backward pass (`activations_gib`).
 MFU: FLOPs of one training step of our model (torch.utils.flop_counter, forward + backward) x it/s,
 divided by the device's dense bf16 peak (bf16 variants) or TF32 peak (the others), known for H100 and
 H200, else given by --peak_tflops.
@@ -47,6 +52,7 @@ import statistics
 import sys
 import time
 import types
+import weakref
 from pathlib import Path
 from unittest import mock
 
@@ -55,6 +61,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 import utils  # noqa: E402
 
@@ -66,7 +74,7 @@ CONFIGS = {
 BERT_WIDTH = 768  # the original's PWAM takes 768-wide text features (a literal); cfg['bert_width'] for ours alone
 WORDS = 20
 COMPILE_RESERVE_S = 120  # seconds a compile may take (H100: about a minute, estimated)
-OPTIONS = ('compile', 'fused_adamw', 'channels_last', 'checkpoint', 'pin_mem', 'cudnn_benchmark')
+OPTIONS = ('compile', 'fused_adamw', 'channels_last', 'checkpoint', 'pin_mem', 'cudnn_benchmark', 'ddp')
 # dense peak TFLOPS per GPU (bf16, tf32), most specific name first
 PEAK_TFLOPS = (('H100 PCIe', (756.0, 378.0)), ('H100 NVL', (835.0, 417.5)), ('H200 NVL', (835.0, 417.5)),
                ('H100', (989.4, 494.7)), ('H200', (989.4, 494.7)))
@@ -410,6 +418,10 @@ class OursVariant:
         self.cudnn_benchmark = 'cudnn_benchmark' in options
         self.optimizer = engine.build_optimizer(groups, args)
         self.scheduler = engine.build_poly_scheduler(self.optimizer, 10 ** 7)
+        if 'ddp' in options:  # as train.py wraps them under torchrun (needs single_process_group)
+            from lib.distributed import DistEnv
+            env = DistEnv(True, 0, 1, device.index or 0, device)
+            model, bert = engine.wrap_for_distributed(model, env), engine.wrap_for_distributed(bert, env)
         self.step = engine.supervised_step(engine.apply_speed_options(model, args),
                                            engine.apply_speed_options(bert, args), build_criterion().to(device))
         pin = 'pin_mem' in options and device.type == 'cuda'  # pinning needs a GPU
@@ -458,17 +470,43 @@ class OursVariant:
 # ----------------------------------------------------------------------------------------------------------
 # memory
 
-def _state_bytes(variant):
-    seen, total = set(), 0
-    tensors = [t for m in variant.modules() for t in m.parameters()]
-    tensors += [p.grad for p in tensors if p.grad is not None]
-    tensors += [v for s in variant.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    for t in tensors:
-        key = (t.device, t.untyped_storage().data_ptr())
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
+class PeakTensorMemory(TorchDispatchMode):
+    """Bytes of tensor storages alive on the CPU, and their peak, while active: each storage an operator
+    returns is counted once, until it is freed (a weakref callback). `tensors`: those alive before, to count
+    as well. What an operator allocates and frees inside its kernel is not seen (as on a GPU, workspaces)."""
+
+    def __init__(self, tensors=()):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+        for t in tensors:
+            self._count(t)
+        self.peak = self.now
+
+    def reset_peak(self):
+        self.peak = self.now
+
+    def _count(self, t):
+        if not isinstance(t, torch.Tensor) or t.device.type != 'cpu':
+            return
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # e.g. sparse or functional wrappers
+            return
+        key = storage.data_ptr()
+        if key and key not in self.live:
+            self.live[key] = storage.nbytes()
+            self.now += self.live[key]
+            weakref.finalize(storage, self._free, key)
+
+    def _free(self, key):
+        self.now -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            self._count(t)
+        self.peak = max(self.peak, self.now)
+        return out
 
 
 def saved_activation_bytes(variant):
@@ -552,8 +590,8 @@ def run_comparison(config, *, device, original=None, variants=None, warmup=2, ro
     phase2 = [v for v in names if 'compile' in parsed[v][1]]
     phase1 = [v for v in names if v not in phase2]
     built, times = {}, {}
-    with single_process_group(device) if any(parsed[v][0] == 'original' for v in names) else \
-            contextlib.nullcontext():
+    with single_process_group(device) if any(parsed[v][0] == 'original' or 'ddp' in parsed[v][1] for v in names) \
+            else contextlib.nullcontext():
         for phase in (phase1, phase2):
             for v in phase:
                 built_v = _try_build(v, parsed[v], original, orig_model, orig_bert, model_sd, bert_template, cfg,
@@ -730,35 +768,42 @@ def _build_and_warm(v, base, options, original, orig_model, orig_bert, model_sd,
         torch.cuda.empty_cache()
         allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
         torch.cuda.reset_peak_memory_stats(device)
+    # on the CPU, every tensor from the build on is followed (not with compile: it would be traced too)
+    tracker = PeakTensorMemory(batch.values()) if not cuda and 'compile' not in options else None
     start = time.perf_counter()
-    if base.startswith('original'):
-        variant = OriginalVariant(original, copy.deepcopy(orig_model), copy.deepcopy(orig_bert), batch, device,
-                                  ddp=base == 'original')
-    else:
-        variant = OursVariant(model_sd, bert_template, cfg, base, options, batch, device, compile_backend)
-        if not options & {'compile', 'checkpoint'} and 'flops_per_step' not in figures:  # no recomputation
-            figures['flops_per_step'] = variant.count_flops()
-            log(f'{figures["config"]}: model FLOPs per training step {figures["flops_per_step"] / 1e12:.3f} TFLOP '
-                f'(forward + backward, torch.utils.flop_counter)')
-    for _ in range(warmup):
-        variant.run(1)
+    with tracker if tracker is not None else contextlib.nullcontext():
+        if base.startswith('original'):
+            variant = OriginalVariant(original, copy.deepcopy(orig_model), copy.deepcopy(orig_bert), batch, device,
+                                      ddp=base == 'original')
+        else:
+            variant = OursVariant(model_sd, bert_template, cfg, base, options, batch, device, compile_backend)
+        if tracker is not None:
+            for group in variant.optimizer.param_groups:  # the multi-tensor AdamW a GPU runs by default
+                if group.get('foreach') is None and not group.get('fused'):
+                    group['foreach'] = True
+        for _ in range(warmup):
+            variant.run(1)
     entry = {'warmup_s': time.perf_counter() - start}
     if cuda:
         entry['peak_allocated_gib'] = (torch.cuda.max_memory_allocated(device) - allocated) / 2 ** 30
         entry['peak_reserved_gib'] = (torch.cuda.max_memory_reserved(device) - reserved) / 2 ** 30
-    elif 'compile' not in options:  # (saved-tensor hooks would change what a compiled graph saves)
+    elif tracker is not None:
+        entry['peak_allocated_gib'] = tracker.peak / 2 ** 30
         entry['activations_gib'] = saved_activation_bytes(variant) / 2 ** 30
-        entry['state_gib'] = _state_bytes(variant) / 2 ** 30
-        entry['memory_estimate_gib'] = entry['activations_gib'] + entry['state_gib']
+    if not base.startswith('original') and not options & {'compile', 'checkpoint'} and 'flops_per_step' not in figures:
+        figures['flops_per_step'] = variant.count_flops()  # (after the memory figures: it runs a step)
+        log(f'{figures["config"]}: model FLOPs per training step {figures["flops_per_step"] / 1e12:.3f} TFLOP '
+            f'(forward + backward, torch.utils.flop_counter)')
     figures['variants'][v] = entry
     return variant
 
 
 def format_row(config, v, e):
-    mem = (f'peak {e["peak_allocated_gib"]:.2f} GiB allocated ({e["peak_reserved_gib"]:.2f} reserved)'
-           if 'peak_allocated_gib' in e else
-           f'memory ~{e["memory_estimate_gib"]:.2f} GiB ({e["activations_gib"]:.2f} activations + '
-           f'{e["state_gib"]:.2f} weights/grads/optimizer)' if 'memory_estimate_gib' in e else '')
+    mem = ''
+    if 'peak_reserved_gib' in e:
+        mem = f'peak {e["peak_allocated_gib"]:.2f} GiB allocated ({e["peak_reserved_gib"]:.2f} reserved)'
+    elif 'peak_allocated_gib' in e:
+        mem = f'peak {e["peak_allocated_gib"]:.2f} GiB of tensors ({e["activations_gib"]:.2f} saved for backward)'
     speedup = f'{e["speedup_vs_original"]:.2f}x original' if 'speedup_vs_original' in e else ''
     speedup += ''.join(f' ({e[k]:.2f}x {k[len("speedup_vs_"):]})' for k in e
                        if k.startswith('speedup_vs_') and k != 'speedup_vs_original')

@@ -436,8 +436,10 @@ def checkpoint_memory(smoke, device, original_dir):
     import compare_original as co
     original = _import_original(original_dir)
     cfg = dict(SMOKE_CONFIG if original else SMOKE_CONFIG_OURS) if smoke else dict(co.CONFIGS['paper'])
-    cases = [('fp32', 2), ('fp32+checkpoint', 2)] if smoke else \
-        [('original', 2), ('fp32', 2), ('fp32+checkpoint', 2), ('bf16+checkpoint', 8)]
+    # +ddp: as under torchrun (the paper trains on 4 GPUs), where DDP's gradient buckets stay allocated
+    cases = [('fp32', 2), ('fp32+checkpoint', 2), ('fp32+checkpoint+ddp', 2)] if smoke else \
+        [('original', 2), ('fp32', 2), ('fp32+ddp', 2), ('fp32+checkpoint', 2), ('fp32+checkpoint+ddp', 2),
+         ('fp32+checkpoint+ddp+fused_adamw', 2), ('bf16+checkpoint', 8)]
     cuda = device == 'cuda'
     figures = {'cap_gib': CARD_GIB if cuda else None}
     for variant, batch in cases:
@@ -464,7 +466,13 @@ def checkpoint_memory(smoke, device, original_dir):
             log(f'memory {key}: trains under the {CARD_GIB} GiB cap; peak {entry["peak_allocated_gib"]:.2f} GiB '
                 f'allocated, {entry["peak_reserved_gib"]:.2f} GiB reserved')
         else:
-            log(f'memory {key}: ~{entry["memory_estimate_gib"]:.3f} GiB ({entry["activations_gib"]:.3f} activations)')
+            log(f'memory {key}: peak {entry["peak_allocated_gib"]:.3f} GiB of tensors '
+                f'({entry["activations_gib"]:.3f} saved for backward)')
+    reference = figures.get('original batch 2', {}).get('peak_allocated_gib')
+    for key, entry in figures.items():
+        if reference and isinstance(entry, dict) and 'peak_allocated_gib' in entry and key.endswith('batch 2'):
+            entry['vs_original'] = entry['peak_allocated_gib'] / reference
+            log(f'memory {key}: {entry["vs_original"]:.2f}x the original\'s peak')
     return figures
 
 

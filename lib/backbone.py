@@ -10,12 +10,12 @@ Parameter names, shapes and registration order equal the reference's (`layers.0.
 """
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 from timm.layers import DropPath, Mlp, gen_relative_position_index, trunc_normal_
 from timm.models.swin_transformer import window_partition, window_reverse
 
 import utils
+from .activation_checkpoint import checkpointed
 from .cross_scale import CIM
 from .fusion import PWAM, tanh_gate
 from .intra_scale import VariousReceptive, visual_gate
@@ -179,8 +179,8 @@ class MMBasicLayer(nn.Module):
         self.shift_size = window_size // 2
         self.depth = depth
         self.dim = dim
-        # recompute each Swin block in the backward pass instead of keeping its activations (the
-        # reference's `use_checkpoint`); the RNG state is replayed, so gradients are the same
+        # recompute each Swin block (the reference's `use_checkpoint`), and the language / intra-scale
+        # part, in the backward pass instead of keeping their activations; gradients are the same
         self.use_checkpoint = use_checkpoint
         self.blocks = nn.ModuleList([
             SwinTransformerBlock(
@@ -208,16 +208,25 @@ class MMBasicLayer(nn.Module):
         H, W = hw
         attn_mask = shifted_window_mask(H, W, self.window_size, self.shift_size, x.device)
         for blk in self.blocks:
-            if self.use_checkpoint and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, hw, attn_mask, use_reentrant=False)
+            if self.use_checkpoint:
+                x = checkpointed(blk, x, hw, attn_mask)
             else:
                 x = blk(x, hw, attn_mask)  # [B, HW, C]
-        x_residual = self.fusion(x, l, l_mask)  # [B, HW, C]
+        if self.use_checkpoint:
+            x_residual, x_next = checkpointed(self._language_and_merge, x, hw, l, l_mask, modules=[self])
+        else:
+            x_residual, x_next = self._language_and_merge(x, hw, l, l_mask)
         if self.downsample is None:
             return x_residual, hw, x, hw
+        return x_residual, hw, x_next, ((H + 1) // 2, (W + 1) // 2)
+
+    def _language_and_merge(self, x, hw, l, l_mask):
+        x_residual = self.fusion(x, l, l_mask)  # [B, HW, C]
+        if self.downsample is None:
+            return x_residual, x
         v_residual = self.visual_residual(x, hw)
         x = x + self.res_gate(x_residual) * x_residual + self.visual_gate(v_residual) * v_residual
-        return x_residual, hw, self.downsample(x, hw), ((H + 1) // 2, (W + 1) // 2)
+        return x_residual, self.downsample(x, hw)
 
 
 def _init_weights(m):
@@ -251,6 +260,7 @@ class MultiModalSwinTransformer(nn.Module):
         self.text_dim = text_dim
         self.out_indices = tuple(out_indices)
         self.cross_scale = cross_scale
+        self.use_checkpoint = use_checkpoint
         self.patch_embed = PatchEmbed(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                                       norm_layer=norm_layer if patch_norm else None)
         self.pos_drop = nn.Dropout(p=drop_rate)
@@ -306,4 +316,6 @@ class MultiModalSwinTransformer(nn.Module):
             if i in self.out_indices:
                 x_out = getattr(self, f'norm{i}')(x_out)
                 outs.append(x_out.view(-1, H, W, self.num_features[i]).permute(0, 3, 1, 2).contiguous())
+        if self.use_checkpoint:
+            return tuple(checkpointed(self.cim, outs, modules=[self.cim]))
         return tuple(self.cim(outs))

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import trunc_normal_
 
+from .activation_checkpoint import checkpointed
+
 # Rotation of a 3x3 kernel by theta as a 9x9 matrix acting on the raster-ordered taps, with
 # x = cos, y = sin, a = x - y, b = x * y, c = x + y. Entries: (row, col, term); zero elsewhere.
 _ROT_POSITIVE = (  # theta >= 0
@@ -159,9 +161,10 @@ class SimpleDecoding(nn.Module):
     layout tensor-core convolutions run in; values are the same up to the kernels' rounding.
     """
 
-    def __init__(self, c4_dims, factor=2, channels_last=False):
+    def __init__(self, c4_dims, factor=2, channels_last=False, checkpoint_activations=False):
         super().__init__()
         self.channels_last = channels_last
+        self.checkpoint_activations = checkpoint_activations
         hidden = c4_dims // factor
         c3_size, c2_size, c1_size = c4_dims // factor, c4_dims // factor ** 2, c4_dims // factor ** 3
         for name, in_ch in (('4', c4_dims + c3_size), ('3', hidden + c2_size), ('2', hidden + c1_size)):
@@ -192,7 +195,10 @@ class SimpleDecoding(nn.Module):
     def forward(self, x_c4, x_c3, x_c2, x_c1):
         if self.channels_last:
             x_c4, x_c3, x_c2, x_c1 = (t.contiguous(memory_format=torch.channels_last) for t in (x_c4, x_c3, x_c2, x_c1))
-        x = self._fuse('4', x_c4, x_c3)
-        x = self._fuse('3', x, x_c2)
-        x = self._fuse('2', x, x_c1)
+        x = x_c4
+        for name, skip in (('4', x_c3), ('3', x_c2), ('2', x_c1)):
+            if self.checkpoint_activations:  # recomputed in the backward pass (--checkpoint_activations)
+                x = checkpointed(self._fuse, name, x, skip, modules=[self])
+            else:
+                x = self._fuse(name, x, skip)
         return self.conv1_1(x)  # [B, 2, H/4, W/4]

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from bert.encoder import encode
 from lib import distributed
 from lib.metrics import RefSegMeter, tensor_keys
 from lib.pretrained import strip_prefix
@@ -95,10 +96,7 @@ def build_model(args, pretrained=None, checkpoint=None):
 
 def text_features(bert, input_ids, attention_mask=None, inputs_embeds=None):
     """Separate BERT -> l_feats [B, C, N] and l_mask [B, N, 1] as RMSIN takes them."""
-    if inputs_embeds is not None:
-        hidden = bert(inputs_embeds=inputs_embeds, attention_mask=attention_mask)[0]
-    else:
-        hidden = bert(input_ids, attention_mask=attention_mask)[0]  # [B, N, C]
+    hidden = encode(bert, attention_mask, input_ids=input_ids, inputs_embeds=inputs_embeds)  # [B, N, C]
     return hidden.permute(0, 2, 1), attention_mask.unsqueeze(-1)
 
 
@@ -346,7 +344,9 @@ def wrap_for_distributed(module, env, find_unused=False):
     if not any(p.requires_grad for p in module.parameters()):
         return module  # nothing to synchronise
     device_ids = [env.device.index] if env.device.type == 'cuda' else None
-    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused)
+    # gradients as views into the all-reduce buckets: one copy of them instead of two (peak memory)
+    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused,
+                                   gradient_as_bucket_view=True)
 
 
 # --- loops -----------------------------------------------------------------------------------
@@ -399,17 +399,19 @@ def train_one_epoch(step_fn, loader, optimizer, lr_scheduler, epoch, *, device, 
     window_sum = torch.zeros((), dtype=torch.float64, device=device)
     window_n = 0
     start = time.time()
+    optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(_progress(loader, f'Epoch {epoch}', num_iters)):
         batch = to_device(batch, device)
         if before_step is not None:
             before_step(i, batch)
         with autocast(device, amp):
             loss = step_fn(batch)
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if after_backward is not None:
             after_backward(i, batch)
         optimizer.step()
+        # freed here rather than before backward: the next forward then runs without them (peak memory)
+        optimizer.zero_grad(set_to_none=True)
         lr_scheduler.step()
         if after_step is not None:
             after_step(i, batch)

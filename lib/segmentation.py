@@ -88,14 +88,16 @@ class LAVTOne(LAVT):
         if text.dim() != 2 or l_mask.shape != text.shape:
             raise utils.InputError(f'input_ids and attention_mask must both be [B, N], got {tuple(text.shape)} '
                                    f'and {tuple(l_mask.shape)}')
-        l_feats = self.text_encoder(text, attention_mask=l_mask)[0]  # [B, N, C_text]
+        from bert.encoder import encode
+        l_feats = encode(self.text_encoder, l_mask, input_ids=text)  # [B, N, C_text]
         return super().forward(x, l_feats.permute(0, 2, 1), l_mask.unsqueeze(-1))
 
 
 def lavt(pretrained='', args=None, text_dim=None):
     """RMSIN with an external BERT. text_dim None -> hidden_size of the BERT config at args.ck_bert."""
     backbone = build_backbone(pretrained, args, _text_dim(args, text_dim))
-    decoder = SimpleDecoding(8 * backbone.embed_dim, channels_last=getattr(args, 'channels_last', False))
+    decoder = SimpleDecoding(8 * backbone.embed_dim, channels_last=getattr(args, 'channels_last', False),
+                             checkpoint_activations=getattr(args, 'checkpoint_activations', False))
     return LAVT(backbone, decoder)
 
 
@@ -107,5 +109,6 @@ def lavt_one(pretrained='', args=None, text_dim=None):
     if text_dim is not None and int(text_dim) != hidden:
         raise utils.InputError(f'text_dim {text_dim} differs from the hidden size {hidden} of --ck_bert {args.ck_bert}')
     backbone = build_backbone(pretrained, args, hidden)
-    decoder = SimpleDecoding(8 * backbone.embed_dim, channels_last=getattr(args, 'channels_last', False))
+    decoder = SimpleDecoding(8 * backbone.embed_dim, channels_last=getattr(args, 'channels_last', False),
+                             checkpoint_activations=getattr(args, 'checkpoint_activations', False))
     return LAVTOne(backbone, decoder, text_encoder)

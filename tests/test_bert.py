@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bert.build_small import SPECIAL_TOKENS, build_small_bert, collect_expressions
-from bert.encoder import load_bert, load_text_config, load_tokenizer
+from bert.encoder import encode, load_bert, load_text_config, load_tokenizer
 from utils import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +35,30 @@ def test_small_bert_round_trip(small_bert_dir, tmp_path):
     with torch.no_grad():
         again = reloaded(input_ids=batch['input_ids'], attention_mask=batch['attention_mask'])[0]
     torch.testing.assert_close(again, features, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('implementation', ['sdpa', 'eager'])
+def test_encode_gives_the_features_without_asking_the_device(monkeypatch, implementation):
+    """encode() passes the padding mask prepared in 4-D: transformers' check whether any token is padded
+    (a host synchronisation on a GPU) is not reached, and the features are BERT's own."""
+    import transformers.masking_utils as masking
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, attn_implementation=implementation)
+    bert = BertModel(config, add_pooling_layer=False).eval()
+    ids = torch.randint(1, 100, (3, 20))
+    padded = (torch.arange(20) < torch.tensor([[5], [20], [9]])).long()
+    unpadded = torch.ones_like(padded)
+    embeds = torch.randn(3, 20, 32)
+    with torch.no_grad():
+        expected = [bert(ids, attention_mask=m)[0] for m in (padded, unpadded)]
+        expected.append(bert(inputs_embeds=embeds, attention_mask=padded)[0])
+        monkeypatch.setattr(masking, '_ignore_bidirectional_mask_sdpa', None)  # calling it would fail
+        got = [encode(bert, m, input_ids=ids) for m in (padded, unpadded)]
+        got.append(encode(bert, padded, inputs_embeds=embeds))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, expected))
+    assert not torch.equal(got[0], got[1])  # the mask is applied
 
 
 def test_vocabulary_covers_the_expressions(small_bert_dir, demo_root):
