@@ -79,35 +79,38 @@ def record_checkpoint(path, epoch=None):
     _RUN['last'], _RUN['epoch'] = os.path.abspath(path), epoch
 
 
-def _interrupted_message():
+def _interrupted_message(what='interrupted'):
     flag = _RUN['resume_flag']
     if _RUN['last']:
         epoch = f" (epoch {_RUN['epoch']})" if _RUN['epoch'] is not None else ''
         hint = f"; continue with {flag} {shlex.quote(_RUN['last'])}" if flag else ''
-        return f"interrupted; the last checkpoint is {_RUN['last']}{epoch}{hint}"
+        return f"{what}; the last checkpoint is {_RUN['last']}{epoch}{hint}"
     if _RUN['resume'] and flag:
-        return (f"interrupted before this run wrote a checkpoint; continue again with "
+        return (f"{what} before this run wrote a checkpoint; continue again with "
                 f"{flag} {shlex.quote(_RUN['resume'])}")
     if _RUN['dir']:
-        return f"interrupted before the first checkpoint; nothing to resume in {_RUN['dir']}"
-    return 'interrupted'
+        return f"{what} before the first checkpoint; nothing to resume in {_RUN['dir']}"
+    return what
 
 
 def run_cli(main, argv=None):
     """Run `main(argv)` as an entry point (the `if __name__ == '__main__'` line of every script):
     InputError / OutputError -> `prog: error: message` + exit 2; Ctrl-C -> one line saying where the
-    last checkpoint is + exit 130; a DataLoader worker killed by the system -> one line + exit 1."""
+    last checkpoint is + exit 130; SIGTERM (a job scheduler's time limit or `scancel`) -> the same line +
+    exit 143; a DataLoader worker killed by the system -> one line + exit 1."""
     prog = sys.argv[0].rsplit('/', 1)[-1] or 'lrb-wrel'
 
-    def on_ctrl_c(signum, frame):
+    def on_signal(signum, frame):
         # exit from the handler itself: Python's own KeyboardInterrupt can land inside a callback (the
         # logging lock's at-fork hook when DataLoader workers start), where it is printed and dropped;
         # an interrupted checkpoint write leaves only a temporary file, cleaned at the next start
-        print(f'\n{prog}: {_interrupted_message()}', file=sys.stderr, flush=True)
-        os._exit(130)
+        what = 'interrupted' if signum == signal.SIGINT else f'terminated ({signal.Signals(signum).name})'
+        print(f'\n{prog}: {_interrupted_message(what)}', file=sys.stderr, flush=True)
+        os._exit(128 + signum)
 
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_ctrl_c) if in_main_thread else None
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} \
+        if in_main_thread else {}
     try:
         return main(argv)
     except InputError as e:
@@ -123,8 +126,9 @@ def run_cli(main, argv=None):
         print(f'{prog}: error: {message}', file=sys.stderr)
         sys.exit(1)
     finally:
-        if in_main_thread and previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 # --- flag values ----------------------------------------------------------------------------------

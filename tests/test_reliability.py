@@ -638,6 +638,31 @@ def test_ctrl_c_is_one_line_naming_the_last_checkpoint(demo_root, small_bert_dir
         assert last == f'train.py: interrupted before the first checkpoint; nothing to resume in {out}'
 
 
+def test_sigterm_is_the_same_line_and_exit_143(tmp_path):
+    """A job scheduler's time limit (SLURM sends SIGTERM first): the line naming the checkpoint, no traceback."""
+    script = tmp_path / 'job.py'
+    script.write_text(
+        'import sys, time\n'
+        f'sys.path.insert(0, {str(REPO)!r})\n'
+        'import utils\n'
+        'def main(argv):\n'
+        "    utils.record_checkpoint('/runs/model_last_x.pth', epoch=7)\n"
+        "    print('ready', flush=True)\n"
+        '    time.sleep(120)\n'
+        'utils.run_cli(main)\n')
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == 'ready'
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and 'Traceback' not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == ('job.py: terminated (SIGTERM); the last checkpoint is /runs/model_last_x.pth '
+                                               '(epoch 7); continue with --resume /runs/model_last_x.pth')
+
+
 # ------------------------------------------------------------------------------------------------
 # the checks themselves
 
