@@ -74,7 +74,9 @@ def run(args, env, batch_size):
     if end_epoch is None:
         return
 
-    stage = lrb.Stage2Bank(model, bert, bank, build_criterion().to(env.device))
+    # --compile: the frozen teacher's forward and backward (to the bank) compiled; evaluation stays eager
+    stage = lrb.Stage2Bank(engine.apply_speed_options(model, args), engine.apply_speed_options(bert, args), bank,
+                           build_criterion().to(env.device))
 
     def set_modes(training):
         model.train(training)  # drop-path and BatchNorm statistics active while the bank learns

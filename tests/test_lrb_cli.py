@@ -168,6 +168,16 @@ def test_stage2_resume_equals_uninterrupted(pipeline, splits, small_bert_dir, tm
                        load(parts / 'caption_embeddings_lrb.pt')['embedding'])
 
 
+def test_stage2_with_a_compiled_teacher_learns_the_same_bank(pipeline, splits, small_bert_dir, tmp_path):
+    out = tmp_path / 'compiled'
+    run('train_stu_base.py', stage_args(splits['mask'], small_bert_dir, out, 1, '--lr', '1e-2', '--resume',
+                                        pipeline['s1'] / 'model_last_lrb.pth', '--compile', 'aot_eager'))
+    eager, compiled = load(pipeline['s2'] / 'model_last_lrb.pth'), load(out / 'model_last_lrb.pth')
+    assert torch.allclose(compiled['caption_bank']['embedding'], eager['caption_bank']['embedding'], atol=1e-4, rtol=0)
+    assert_close_dicts({k: v for k, v in compiled['model'].items() if is_bn_buffer(k)},
+                       {k: v for k, v in eager['model'].items() if is_bn_buffer(k)}, 'BatchNorm statistics')
+
+
 def test_stage3_resume_equals_uninterrupted(pipeline, splits, small_bert_dir, tmp_path, one_thread):
     stage3 = load_script('train_stu_tea.py')
     start = ('--resume', pipeline['s1'] / 'model_last_lrb.pth',
