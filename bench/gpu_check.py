@@ -371,6 +371,9 @@ COMPARE_PLAN = {
               'bf16+pin_mem,fp32+checkpoint', 2, 3, 2),
     'throughput': ('throughput', 'original,fp32,bf16,fp32+channels_last,bf16+channels_last,'
                    'bf16+channels_last+fused_adamw,bf16+checkpoint', 2, 2, 2),
+    # the MFU target is at batch 8: compiled there first
+    'throughput_compile': ('throughput', 'bf16+channels_last+fused_adamw,bf16+compile+channels_last+fused_adamw',
+                           2, 3, 2),
     'paper_compile': ('paper', 'bf16+channels_last+fused_adamw,bf16+compile+channels_last+fused_adamw', 2, 3, 2),
 }
 SMOKE_PLAN = {'smoke': (None, 'original,original_no_ddp,fp32,fp32+fused_adamw,fp32+channels_last,fp32+checkpoint',
