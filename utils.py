@@ -68,6 +68,19 @@ def _worker_death_message(exc):
             f'memory; lower --workers or --batch-size')
 
 
+def unwrap_module(module):
+    """The plain module inside torch.compile and DDP wrappers (in either order)."""
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+    while True:
+        if isinstance(module, DistributedDataParallel):
+            module = module.module
+        elif isinstance(getattr(module, '_orig_mod', None), nn.Module):  # torch.compile's OptimizedModule
+            module = module._orig_mod
+        else:
+            return module
+
+
 # --- Ctrl-C: where the last checkpoint is -------------------------------------------------------
 
 _RUN = {'dir': None, 'resume': None, 'last': None, 'epoch': None, 'resume_flag': '--resume'}

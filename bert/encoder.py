@@ -6,12 +6,11 @@ The text width is `load_text_config(...).hidden_size` (768 for bert-base-uncased
 """
 import os
 
-import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import logging as hf_logging
 
-from utils import InputError
+from utils import InputError, unwrap_module
 
 
 def _not_found(name_or_dir, reason=''):
@@ -60,14 +59,6 @@ def load_bert(name_or_dir):
     return model
 
 
-def _base_model(bert):
-    while True:  # through DDP (.module) and torch.compile (._orig_mod)
-        inner = getattr(bert, 'module', None) or getattr(bert, '_orig_mod', None)
-        if not isinstance(inner, torch.nn.Module):
-            return bert
-        bert = inner
-
-
 def encode(bert, attention_mask, input_ids=None, inputs_embeds=None):
     """Token features [B, N, C] of `bert` (a BertModel, bare or wrapped by DDP / torch.compile) for
     `input_ids` or `inputs_embeds`, with the padding mask [B, N] given to it already expanded into the 4-D
@@ -75,7 +66,7 @@ def encode(bert, attention_mask, input_ids=None, inputs_embeds=None):
     any token is padded (to drop the mask when none is), a host synchronisation on every call; the
     features are the same up to the attention kernel's rounding."""
     if attention_mask is not None and attention_mask.dim() == 2:
-        base = _base_model(bert)
+        base = unwrap_module(bert)
         shape = (*attention_mask.shape, 0)  # only its batch size, length, dtype and device are read
         like = attention_mask.new_empty(shape, dtype=base.get_input_embeddings().weight.dtype)
         attention_mask = create_bidirectional_mask(config=base.config, inputs_embeds=like, attention_mask=attention_mask,

@@ -37,23 +37,12 @@ from lib import distributed
 from lib.metrics import RefSegMeter, tensor_keys
 from lib.pretrained import strip_prefix
 import utils
-from utils import InputError, atomic_file
+from utils import InputError, atomic_file, unwrap_module as unwrap
 
 logger = logging.getLogger('lrb')
 
 NO_DECAY_KEYWORDS = ('norm', 'absolute_pos_embed', 'relative_position_bias_table')
 NUM_BERT_LAYERS_TRAINED = 10
-
-
-def unwrap(module):
-    """The plain module inside torch.compile and DDP wrappers (in either order)."""
-    while True:
-        if isinstance(module, DistributedDataParallel):
-            module = module.module
-        elif isinstance(getattr(module, '_orig_mod', None), nn.Module):  # torch.compile's OptimizedModule
-            module = module._orig_mod
-        else:
-            return module
 
 
 # --- building --------------------------------------------------------------------------------
