@@ -48,15 +48,20 @@ def _rotation_terms(thetas):
             'x-b': x - b, 'y-b': y - b, '1-c+b': 1 - c + b, 'x+b': x + b, 'b-y': b - y, '1-a-b': 1 - a - b}
 
 
-@functools.lru_cache(maxsize=None)
 def _flat_index(table, device):
     return torch.tensor([r * 9 + c for r, c, _ in table], device=device)
+
+
+# cached in eager mode: building it on a GPU is a blocking host-to-device copy on every call; a compiled
+# graph holds it as a constant instead
+_cached_flat_index = functools.lru_cache(maxsize=None)(_flat_index)
 
 
 def _fill(table, terms, shape):
     flat = torch.zeros(*shape, 81, dtype=terms['1'].dtype, device=terms['1'].device)
     values = torch.stack([terms[t] for _, _, t in table], dim=-1)
-    return flat.index_copy(-1, _flat_index(table, flat.device), values).unflatten(-1, (9, 9))
+    index = (_flat_index if torch.compiler.is_compiling() else _cached_flat_index)(table, flat.device)
+    return flat.index_copy(-1, index, values).unflatten(-1, (9, 9))
 
 
 def rotation_matrix_3x3(thetas):
