@@ -121,6 +121,30 @@ def test_checkpoint_activations_gives_the_same_step(small_bert_dir, baseline):
     assert any('running_mean' in n and not torch.equal(p, torch.zeros_like(p)) for n, p in params.items())
 
 
+def test_checkpoint_activations_gives_the_same_bank_gradient(small_bert_dir):
+    """The LRB stages differentiate a frozen teacher with respect to the bank (stage 3 through
+    torch.autograd.grad): with checkpointing, the same gradient and the same BatchNorm statistics."""
+    from lib import lrb
+    results = []
+    for flags in ((), ('--checkpoint_activations',)):
+        _, model, bert, _, _ = build(small_bert_dir, *flags)
+        for p in list(model.parameters()) + list(bert.parameters()):
+            p.requires_grad_(False)
+        model.train()
+        bert.eval()
+        torch.manual_seed(2)
+        bank = lrb.ReferenceBank([5, 6], lrb.N_PROMPT, bert.config.hidden_size)
+        batch = dict(make_batch(bert.config.vocab_size), ref_id=torch.tensor([5, 6]))
+        torch.manual_seed(1)  # the same drop-path draws
+        l_feats, l_mask = lrb.filled_text_features(bert, bank, batch)
+        loss = build_criterion()(model(batch['image'], l_feats, l_mask), batch['target'])
+        grad = torch.autograd.grad(loss, bank.embedding)[0]
+        results.append((grad, {k: v.clone() for k, v in model.state_dict().items() if 'running_' in k}))
+    (grad, stats), (grad_ck, stats_ck) = results
+    assert grad.abs().sum() > 0 and torch.equal(grad, grad_ck)
+    assert stats.keys() == stats_ck.keys() and all(torch.equal(stats[k], stats_ck[k]) for k in stats)
+
+
 def test_channels_last_gives_the_same_step(small_bert_dir, baseline):
     loss, grads, _, model, _ = one_step(small_bert_dir, '--channels_last')
     convs = [m for m in model.classifier.modules() if isinstance(m, nn.Conv2d)]
