@@ -20,7 +20,9 @@ same CPU-resident batch, which each loop moves to the device itself. Variants (`
                     original enables it)
   BASE+OPTION...    with speed options: compile, fused_adamw, channels_last, checkpoint (activations),
                     pin_mem (pinned host batch), cudnn_benchmark (no flag yet: cudnn.benchmark while it runs),
-                    ddp (DDP in a 1-process group, as train.py under torchrun: the paper's 4-GPU setting)
+                    ddp (DDP in a 1-process group, as train.py under torchrun: the paper's 4-GPU setting),
+                    cudagraphs (with compile: torch.compile's mode='reduce-overhead', CUDA graphs; an
+                    experiment, no flag yet: the step is bound by the host on an H100, see the README)
 Timing: warm-up (compiles happen there), then --rounds rounds that each run every variant for --iters
 iterations in turn, so drift on a shared machine hits all alike; the median round is reported. Compiled
 variants are timed afterwards, alternating with their eager twin: the compiler leaves a large heap, which
@@ -74,7 +76,8 @@ CONFIGS = {
 BERT_WIDTH = 768  # the original's PWAM takes 768-wide text features (a literal); cfg['bert_width'] for ours alone
 WORDS = 20
 COMPILE_RESERVE_S = 120  # seconds a compile may take (H100: about a minute, estimated)
-OPTIONS = ('compile', 'fused_adamw', 'channels_last', 'checkpoint', 'pin_mem', 'cudnn_benchmark', 'ddp')
+OPTIONS = ('compile', 'cudagraphs', 'fused_adamw', 'channels_last', 'checkpoint', 'pin_mem', 'cudnn_benchmark',
+           'ddp')
 # dense peak TFLOPS per GPU (bf16, tf32), most specific name first
 PEAK_TFLOPS = (('H100 PCIe', (756.0, 378.0)), ('H100 NVL', (835.0, 417.5)), ('H200 NVL', (835.0, 417.5)),
                ('H100', (989.4, 494.7)), ('H200', (989.4, 494.7)))
@@ -285,6 +288,8 @@ def parse_variant(name):
     unknown = options - set(OPTIONS)
     if unknown or (base.startswith('original') and options):
         raise utils.InputError(f'--variants {name}: options are {", ".join(OPTIONS)}, for ours only')
+    if 'cudagraphs' in options and 'compile' not in options:
+        raise utils.InputError(f'--variants {name}: cudagraphs is a mode of compile (add +compile)')
     return base, options
 
 
@@ -422,8 +427,11 @@ class OursVariant:
             from lib.distributed import DistEnv
             env = DistEnv(True, 0, 1, device.index or 0, device)
             model, bert = engine.wrap_for_distributed(model, env), engine.wrap_for_distributed(bert, env)
-        self.step = engine.supervised_step(engine.apply_speed_options(model, args),
-                                           engine.apply_speed_options(bert, args), build_criterion().to(device))
+        if 'cudagraphs' in options:  # inductor with CUDA graphs (replayed launches) instead of the flag's default mode
+            speed = lambda m: torch.compile(m, mode='reduce-overhead', dynamic=False)  # noqa: E731
+        else:
+            speed = lambda m: engine.apply_speed_options(m, args)  # noqa: E731
+        self.step = engine.supervised_step(speed(model), speed(bert), build_criterion().to(device))
         pin = 'pin_mem' in options and device.type == 'cuda'  # pinning needs a GPU
         self.batch = {k: v.pin_memory() for k, v in batch.items()} if pin else batch
         model.train()
@@ -678,7 +686,7 @@ def _twin_of(v, parsed, built):
     """The eager variant a compiled one is timed against: the same options without compile, else its base."""
     base, options = parsed[v]
     for other in built:
-        if parsed[other] == (base, options - {'compile'}):
+        if parsed[other] == (base, options - {'compile', 'cudagraphs'}):
             return other
     return base if base in built else None
 

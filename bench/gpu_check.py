@@ -374,6 +374,9 @@ COMPARE_PLAN = {
     # the MFU target is at batch 8: compiled there first
     'throughput_compile': ('throughput', 'bf16+channels_last+fused_adamw,bf16+compile+channels_last+fused_adamw',
                            2, 3, 2),
+    # the step is bound by the host (batch 2 and 8 take the same time): CUDA graphs replay its launches
+    'throughput_cudagraphs': ('throughput', 'bf16+channels_last+fused_adamw,'
+                              'bf16+compile+cudagraphs+channels_last+fused_adamw', 3, 3, 2),
     'paper_compile': ('paper', 'bf16+channels_last+fused_adamw,bf16+compile+channels_last+fused_adamw', 2, 3, 2),
 }
 SMOKE_PLAN = {'smoke': (None, 'original,original_no_ddp,fp32,fp32+fused_adamw,fp32+channels_last,fp32+checkpoint',
@@ -413,7 +416,7 @@ def compare_speed(report, smoke, device, original_dir, reserve_s):
     for name, (config, variants, warmup, rounds, iters) in (SMOKE_PLAN if smoke else COMPARE_PLAN).items():
         cfg = (SMOKE_CONFIG if original else SMOKE_CONFIG_OURS) if smoke else co.CONFIGS[config]
         deadline = report.start + report.time_budget_s - reserve_s
-        compiled = name.endswith('_compile')
+        compiled = name.endswith(('_compile', '_cudagraphs'))
         if compiled and time.perf_counter() > deadline - co.COMPILE_RESERVE_S:
             report.skip(f'compare {name}', 'time budget used up')
             continue

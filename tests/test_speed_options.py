@@ -7,6 +7,7 @@ under DDP with the eager one (capture and DDP's graph split): inductor's first c
 CPU. LRB_TEST_INDUCTOR=1 adds the inductor case.
 """
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -262,6 +263,19 @@ def test_compare_original_same_model_and_variants_run():
         assert figures['max_abs_logit_diff'] < 1e-5
         assert ran['fp32']['speedup_vs_original'] > 0
         assert 'lib' in sys.modules and sys.modules['lib'].__file__.startswith(str(REPO / 'lib'))  # ours again
+
+
+def test_compare_original_variant_names():
+    import sys
+    sys.path.insert(0, str(REPO / 'bench'))
+    import compare_original as co
+    assert co.parse_variant('bf16+compile+cudagraphs+fused_adamw') == ('bf16', {'compile', 'cudagraphs', 'fused_adamw'})
+    for bad in ('fp32+cudagraphs', 'original+ddp', 'fp16', 'fp32+nosuch'):
+        with pytest.raises(utils.InputError, match=re.escape(f'--variants {bad}:')):
+            co.parse_variant(bad)
+    names = ['bf16', 'bf16+fused_adamw', 'bf16+compile+cudagraphs+fused_adamw']
+    parsed = {v: co.parse_variant(v) for v in names}
+    assert co._twin_of(names[2], parsed, names) == 'bf16+fused_adamw'  # its eager twin: the same options
 
 
 def test_peak_tensor_memory_counts_each_live_storage_once():
