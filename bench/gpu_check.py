@@ -7,9 +7,11 @@ time both, and time a training step of the full model. Finishes in a few minutes
 
 The speed sections (bench/compare_original.py, bench/bench_loader.py): `compare` times the original's
 training iteration and ours (fp32, bf16, each speed option) alternating at the paper's config (Swin-B,
-480 px, batch 2) and a throughput one (batch 8); `memory` runs the paper's config with and without
---checkpoint_activations under the allocator cap of a 12 GB card; `sync` counts host synchronisations per
-iteration; `loader` times the train DataLoader with the paper's 2 workers per process.
+480 px, batch 2) and a throughput one (batch 8), then --compile and CUDA graphs at batch 8 while the time
+budget allows; `memory` runs the paper's config with and without --checkpoint_activations (and DDP) under
+the allocator cap of a 12 GB card; `sync` counts host synchronisations per iteration; `profile` says
+whether the batch-8 bf16 step is bound by the host (wall time against GPU time in kernels, launches per
+step); `loader` times the train DataLoader with the paper's 2 workers per process.
 
 Every figure is printed as one line `gpu_check: <section> <name>: <value>`; every section runs in its own
 try/except, so one failure is printed and the rest still runs.
@@ -482,6 +484,22 @@ def checkpoint_memory(smoke, device, original_dir):
     return figures
 
 
+@_one_thread_on_cpu
+def host_or_device(smoke, device):
+    """Is the training step bound by the host? bench/profile_step.py at the MFU target's config (Swin-B 480,
+    batch 8, bf16 with --channels_last --fused_adamw): wall time per step against the GPU's time in kernels,
+    kernel launches and aten calls per step, and the top kernels."""
+    import profile_step
+    flags = (['--swin_type', 'nano', '--img_size', '64', '-b', '2', '--bert_layers', '2'] if smoke else
+             ['--swin_type', 'base', '--img_size', '480', '-b', '8', '--window12', '--amp', '--channels_last',
+              '--fused_adamw'])
+    rows, _, summary = profile_step.profile(profile_step.get_args(['--device', device, '--top', '8', *flags]))
+    log(f'profile: {profile_step.summary_line(summary)}')
+    for name, ms, share in rows:
+        log(f'profile: {ms:8.2f} ms {100 * share:5.1f} %  {name[:80]}')
+    return dict(summary, top=[{'op': name, 'ms_per_step': ms, 'share': share} for name, ms, share in rows])
+
+
 def host_syncs(device, original_dir, iterations=10):
     """Host synchronisations in `iterations` steps of our fp32 loop at the paper's config (CUDA sync debug
     mode), by source line; the loop itself reads the loss back once per print interval and at the end."""
@@ -594,7 +612,7 @@ def main(argv=None):
         else:
             report.skip('stages', 'no CUDA device (tests/test_lrb_cli.py runs the same chain on CPU)')
         if args.skip_speed:
-            for name in ('compare', 'memory', 'sync', 'loader'):
+            for name in ('compare', 'memory', 'sync', 'profile', 'loader'):
                 report.skip(name, '--skip-speed')
         else:
             report.run('compare', compare_speed, report, args.cpu_smoke, device, args.original_dir, 60)
@@ -603,6 +621,7 @@ def main(argv=None):
                 report.run('sync', host_syncs, device, args.original_dir)
             else:
                 report.skip('sync', 'no CUDA device')
+            report.run('profile', host_or_device, args.cpu_smoke, device)
             report.run('loader', data_loading, args.cpu_smoke, report)
 
     report.figures['total_seconds'] = round(report.elapsed(), 1)

@@ -456,4 +456,6 @@ def test_gpu_check_cpu_smoke_writes_json(tmp_path, capsys):
     figures = json.loads((tmp_path / 'figures.json').read_text())
     assert figures['mode'] == 'cpu-smoke' and not figures['errors'] and figures['check']['all_pass']
     assert figures['speed']['float32']['pytorch']['forward_ms'] > 0
+    profile = figures['profile']
+    assert profile['wall_ms_per_step'] > 0 and profile['aten_calls_per_step'] > 100 and profile['top']
     assert 'gpu_check: total_seconds' in capsys.readouterr().out
