@@ -480,8 +480,9 @@ class OursVariant:
 
 class PeakTensorMemory(TorchDispatchMode):
     """Bytes of tensor storages alive on the CPU, and their peak, while active: each storage an operator
-    returns is counted once, until it is freed (a weakref callback). `tensors`: those alive before, to count
-    as well. What an operator allocates and frees inside its kernel is not seen (as on a GPU, workspaces)."""
+    allocates is counted once, until it is freed (a weakref callback); views of storages from before are
+    not. `tensors`: those alive before, to count as well. What an operator allocates and frees inside its
+    kernel is not seen (as on a GPU, workspaces)."""
 
     def __init__(self, tensors=()):
         super().__init__()
@@ -511,8 +512,12 @@ class PeakTensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # a view or in-place result shares an input's storage: allocated before, counted (or not) then
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.device.type == 'cpu'}
         for t in tree_leaves(out):
-            self._count(t)
+            if isinstance(t, torch.Tensor) and t.device.type == 'cpu' and t.untyped_storage().data_ptr() not in inputs:
+                self._count(t)
         self.peak = max(self.peak, self.now)
         return out
 

@@ -283,10 +283,12 @@ def test_peak_tensor_memory_counts_each_live_storage_once():
     sys.path.insert(0, str(REPO / 'bench'))
     import compare_original as co
     before = torch.zeros(1000)  # 4,000 bytes alive at the start
+    elsewhere = torch.zeros(3000)  # allocated before and not given: its views are not counted
     with co.PeakTensorMemory([before]) as memory:
         a = torch.ones(2000)  # + 8,000
         b = a.view(-1, 2) * 2  # the view shares a's storage; the product is + 8,000
+        view = elsewhere.view(-1, 3).detach()
         del a, b
         after = torch.empty(500)  # + 2,000
     assert memory.peak == 4000 + 8000 + 8000 and memory.now == 4000 + 2000
-    assert after.numel() == 500
+    assert after.numel() == 500 and view.numel() == 3000
