@@ -31,9 +31,8 @@ Memory: the peak of bytes allocated to tensors while a variant is built and warm
 before it was built (its weights, DDP buckets, gradients, optimizer state, activations, temporaries). On a
 GPU from the caching allocator's statistics; on the CPU by following every tensor storage alive
 (`PeakTensorMemory`), with AdamW on the multi-tensor path a GPU takes by default, so that the figure stands
-for the GPU's (H100, Swin-B 480 batch 2: 6.96 / 4.65 GiB allocated on the GPU, 7.05 / 4.67 GiB counted
-on the CPU, without / with the Swin-only checkpointing of then). Also on the CPU: the bytes autograd saves
-for the backward pass (`activations_gib`).
+for the GPU's (H100, Swin-B 480 batch 2: the original 8.20 GiB allocated there, 8.04 GiB counted here).
+Also on the CPU: the bytes autograd saves for the backward pass (`activations_gib`).
 MFU: FLOPs of one training step of our model (torch.utils.flop_counter, forward + backward) x it/s,
 divided by the device's dense bf16 peak (bf16 variants) or TF32 peak (the others), known for H100 and
 H200, else given by --peak_tflops.
