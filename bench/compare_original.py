@@ -29,7 +29,7 @@ variants are timed afterwards, alternating with their eager twin: the compiler l
 the original's per-iteration gc.collect would have to scan.
 Memory: the peak of bytes allocated to tensors while a variant is built and warms up, counted from just
 before it was built (its weights, DDP buckets, gradients, optimizer state, activations, temporaries). On a
-GPU from the caching allocator's statistics; on the CPU by following every tensor storage alive
+GPU from the caching allocator's statistics; on the CPU by following every tensor storage allocated
 (`PeakTensorMemory`), with AdamW on the multi-tensor path a GPU takes by default, so that the figure stands
 for the GPU's (H100, Swin-B 480 batch 2: the original 8.20 GiB allocated there, 8.04 GiB counted here).
 Also on the CPU: the bytes autograd saves for the backward pass (`activations_gib`).
@@ -493,15 +493,20 @@ class PeakTensorMemory(TorchDispatchMode):
     def reset_peak(self):
         self.peak = self.now
 
-    def _count(self, t):
+    @staticmethod
+    def _storage(t):
         if not isinstance(t, torch.Tensor) or t.device.type != 'cpu':
-            return
+            return None
         try:
             storage = t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # e.g. sparse or functional wrappers
-            return
-        key = storage.data_ptr()
-        if key and key not in self.live:
+            return None
+        return storage if storage.data_ptr() else None
+
+    def _count(self, t, skip=()):
+        storage = self._storage(t)
+        key = storage.data_ptr() if storage is not None else None
+        if key is not None and key not in self.live and key not in skip:
             self.live[key] = storage.nbytes()
             self.now += self.live[key]
             weakref.finalize(storage, self._free, key)
@@ -512,11 +517,9 @@ class PeakTensorMemory(TorchDispatchMode):
     def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         # a view or in-place result shares an input's storage: allocated before, counted (or not) then
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor) and t.device.type == 'cpu'}
+        inputs = {s.data_ptr() for s in map(self._storage, tree_leaves((args, kwargs))) if s is not None}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type == 'cpu' and t.untyped_storage().data_ptr() not in inputs:
-                self._count(t)
+            self._count(t, skip=inputs)
         self.peak = max(self.peak, self.now)
         return out
 
