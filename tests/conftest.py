@@ -65,11 +65,22 @@ def small_bert_dir(demo_root, tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def one_thread():
-    """In-process runs use one thread, like the subprocesses (OMP_NUM_THREADS=1): no oversubscription."""
+def _single_threaded():
     import torch
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs use one thread, like the subprocesses (OMP_NUM_THREADS=1): no oversubscription."""
+    yield from _single_threaded()
+
+
+@pytest.fixture(scope='module')
+def one_thread_per_module():
+    """The same for a whole test file (`pytestmark = pytest.mark.usefixtures('one_thread_per_module')`):
+    its tiny ops on 2 shared cores run far faster single-threaded; restored afterwards."""
+    yield from _single_threaded()

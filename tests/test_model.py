@@ -21,13 +21,7 @@ TEXT_DIM = 32
 MANIFEST = Path(__file__).parent / 'data' / 'rmsin_base480_state_dict.json'
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # tiny ops on 2 shared cores run far faster single-threaded; restored afterwards
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread_per_module')
 
 
 def make_args(*extra, img_size=64):

@@ -23,12 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device('cpu')
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread_per_module')
 
 
 def make_args(bert_dir, *flags):
