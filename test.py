@@ -12,11 +12,17 @@ import logging
 import os
 
 import utils
-from lib import distributed, engine
-from lib.metrics import format_results
+from lib.files import atomic_file, check_writable_dir, guard_output_dir, guard_output_file
+from lib.model.build import build_model
+from lib.training.checkpoint import load_checkpoint, load_model_and_bert
+from lib.training.data import build_eval_loader
+from lib.training.distributed import cleanup_distributed, init_distributed, per_process_workers, setup_logging
+from lib.training.engine import evaluate, predict_fn
+from lib.training.metrics import format_results
+from lib.training.visualize import OverlayWriter
 
 logger = logging.getLogger('lrb')
-OVERLAY_FILES = '[0-9][0-9][0-9][0-9][0-9]_s*.png'  # the names engine.OverlayWriter gives its PNGs
+OVERLAY_FILES = '[0-9][0-9][0-9][0-9][0-9]_s*.png'  # the names OverlayWriter gives its PNGs
 
 
 def results_path(args):
@@ -27,40 +33,40 @@ def results_path(args):
 
 
 def write_json_atomic(data, path):
-    with utils.atomic_file(path) as tmp:
+    with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2))
 
 
 def main(argv=None):
     args = utils.get_parser().parse_args(argv)
-    env = distributed.init_distributed(args.device)
+    env = init_distributed(args.device)
     try:
         return run(args, env)
     finally:
-        distributed.cleanup_distributed()
+        cleanup_distributed()
 
 
 def run(args, env):
-    distributed.setup_logging(env.rank)
+    setup_logging(env.rank)
     if not args.resume:
         raise utils.InputError('--resume: give the checkpoint to test')
     utils.check_flag_values(args, ('workers', 'img_size', 'vis_num'))
     utils.check_input_file(args.resume, '--resume')
     if env.is_main:  # unwritable output paths fail now, not after the evaluation
-        utils.check_writable_dir(os.path.dirname(results_path(args)), '--results_json')
+        check_writable_dir(os.path.dirname(results_path(args)), '--results_json')
         if args.vis_dir:
-            utils.check_writable_dir(args.vis_dir, '--vis_dir')
-    checkpoint = engine.load_checkpoint(args.resume, trust=args.trust_checkpoint)
+            check_writable_dir(args.vis_dir, '--vis_dir')
+    checkpoint = load_checkpoint(args.resume, trust=args.trust_checkpoint)
 
     from bert.encoder import load_tokenizer
     from refer.dataset import build_dataset
     tokenizer = load_tokenizer(args.bert_tokenizer)
     dataset = build_dataset(args, args.split, tokenizer, eval_mode=True)
-    loader = engine.build_eval_loader(dataset, distributed.per_process_workers(args.workers, env.world_size),
-                                      args.pin_mem, args.split)
+    loader = build_eval_loader(dataset, per_process_workers(args.workers, env.world_size),
+                               args.pin_mem, args.split)
 
-    model, bert = engine.build_model(args, pretrained='', checkpoint=checkpoint)
-    key = engine.load_model_and_bert(checkpoint, model, bert, key=args.weights_key, source=args.resume)
+    model, bert = build_model(args, pretrained='', checkpoint=checkpoint)
+    key = load_model_and_bert(checkpoint, model, bert, key=args.weights_key, source=args.resume)
     del checkpoint
     model.to(env.device).eval()
     if bert is not None:
@@ -69,12 +75,12 @@ def run(args, env):
                 f'{env.world_size} process(es) on {env.device}')
 
     if env.is_main:  # earlier results are replaced only with --overwrite (checked once the model fits)
-        utils.guard_output_file(results_path(args), overwrite=args.overwrite, flag='--results_json')
+        guard_output_file(results_path(args), overwrite=args.overwrite, flag='--results_json')
         if args.vis_dir:
-            utils.guard_output_dir(args.vis_dir, [OVERLAY_FILES], overwrite=args.overwrite, flag='--vis_dir')
-    vis = engine.OverlayWriter(args.vis_dir, args.vis_num, tokenizer) if args.vis_dir else None
-    meter = engine.evaluate(engine.predict_fn(model, bert, args.amp), loader, env.device, desc='Test',
-                            on_prediction=vis)
+            guard_output_dir(args.vis_dir, [OVERLAY_FILES], overwrite=args.overwrite, flag='--vis_dir')
+    vis = OverlayWriter(args.vis_dir, args.vis_num, tokenizer) if args.vis_dir else None
+    meter = evaluate(predict_fn(model, bert, args.amp), loader, env.device, desc='Test',
+                     on_prediction=vis)
     summary = meter.summary()
     if env.is_main:
         print(format_results(summary), flush=True)

@@ -13,55 +13,65 @@ import logging
 import time
 
 import utils
-from lib import engine
-from lib.losses import build_criterion
+from lib.files import guard_run_dir
+from lib.model.build import build_model, dummy_forward
+from lib.training.checkpoint import (
+    check_checkpoint_space, load_checkpoint, load_model_and_bert, restore_training_state, run_file_names,
+    stage1_saver, training_checkpoint)
+from lib.training.data import build_data
+from lib.training.engine import fit, predict_fn, supervised_step
+from lib.training.launch import end_epoch, launch, start_run
+from lib.training.losses import build_criterion
+from lib.training.optim import build_optimizer, build_param_groups, build_poly_scheduler, freeze_unoptimized
+from lib.training.summary import make_writer
+from lib.training.wrap import apply_speed_options, find_unused_parameters, wrap_for_distributed
 
 logger = logging.getLogger('lrb')
 
 
 def main(argv=None):
-    return engine.launch(run, argv)
+    return launch(run, argv)
 
 
 def run(args, env, batch_size):
     # before anything slow: refuse to replace a finished run, check the folder (the data are checked
     # while the datasets are built, the free space once the model and optimizer exist)
     last_epoch = min(args.epochs, args.stop_after or args.epochs)
-    utils.guard_run_dir(args.output_dir, engine.run_file_names(args.model_id, last_epoch),
-                        resume=args.resume, overwrite=args.overwrite, resume_hint=f'model_last_{args.model_id}.pth')
-    engine.start_run(args, env, batch_size)
-    _, _, train_loader, val_loader = engine.build_data(args, env, batch_size)
-    checkpoint = engine.load_checkpoint(args.resume, trust=args.trust_checkpoint) if args.resume else None
+    guard_run_dir(args.output_dir, run_file_names(args.model_id, last_epoch),
+                  resume=args.resume, overwrite=args.overwrite, resume_hint=f'model_last_{args.model_id}.pth')
+    start_run(args, env, batch_size)
+    _, _, train_loader, val_loader = build_data(args, env, batch_size)
+    checkpoint = load_checkpoint(args.resume, trust=args.trust_checkpoint) if args.resume else None
     # resume: the weights come from the checkpoint, next
-    model, bert = engine.build_model(args, pretrained='' if args.resume else None, checkpoint=checkpoint)
+    model, bert = build_model(args, pretrained='' if args.resume else None, checkpoint=checkpoint)
     model.to(env.device)
     if bert is not None:
         bert.to(env.device)
     if checkpoint is not None:
-        engine.load_model_and_bert(checkpoint, model, bert, key='model', source=args.resume)
+        load_model_and_bert(checkpoint, model, bert, key='model', source=args.resume)
 
-    groups = engine.build_param_groups(model, bert)
-    frozen = engine.freeze_unoptimized({'model': model, 'bert': bert}, groups)
+    groups = build_param_groups(model, bert)
+    frozen = freeze_unoptimized({'model': model, 'bert': bert}, groups)
     logger.info(f'{sum(p.numel() for g in groups for p in g["params"]):,} parameters optimized; '
                 f'{len(frozen)} tensors never updated, as in the reference (BERT embeddings and layers >= 10)')
     find_unused = False
     if env.distributed:
-        unused = engine.find_unused_parameters([m for m in (model, bert) if m is not None],
-                                               engine.dummy_forward(model, bert, args.img_size, env.device))
+        unused = find_unused_parameters([m for m in (model, bert) if m is not None],
+                                        dummy_forward(model, bert, args.img_size, env.device))
         find_unused = bool(unused)
-    ddp_model = engine.wrap_for_distributed(model, env, find_unused)
-    ddp_bert = engine.wrap_for_distributed(bert, env, find_unused)
-    train_model, train_bert = engine.apply_speed_options(ddp_model, args), engine.apply_speed_options(ddp_bert, args)
+    ddp_model = wrap_for_distributed(model, env, find_unused)
+    ddp_bert = wrap_for_distributed(bert, env, find_unused)
+    train_model, train_bert = apply_speed_options(ddp_model, args), apply_speed_options(ddp_bert, args)
 
-    optimizer = engine.build_optimizer(groups, args)
-    lr_scheduler = engine.build_poly_scheduler(optimizer, len(train_loader) * args.epochs)
+    optimizer = build_optimizer(groups, args)
+    lr_scheduler = build_poly_scheduler(optimizer, len(train_loader) * args.epochs)
     start_epoch, best_oiou = 0, -0.1
     if checkpoint is not None:
-        start_epoch, best_oiou = engine.restore_training_state(checkpoint, optimizer, lr_scheduler, args.resume)
+        start_epoch, best_oiou = restore_training_state(checkpoint, optimizer, lr_scheduler, args.resume)
         logger.info(f'resumed {args.resume}: continuing at epoch {start_epoch}')
         del checkpoint
-    end_epoch = engine.end_epoch(args, start_epoch)
-    if end_epoch is None:
+    stop_epoch = end_epoch(args, start_epoch)
+    if stop_epoch is None:
         return
 
     def set_modes(training):
@@ -70,18 +80,18 @@ def run(args, env, batch_size):
             bert.eval()  # the reference's separate BERT never leaves eval mode (no dropout)
 
     def make_state(epoch, best):
-        return engine.training_checkpoint(model, bert, optimizer, lr_scheduler, epoch, args, best)
+        return training_checkpoint(model, bert, optimizer, lr_scheduler, epoch, args, best)
 
-    engine.check_checkpoint_space(args.output_dir, (model, bert), optimizer,
-                                  replaces=engine.run_file_names(args.model_id, 0))
-    writer = engine.make_writer(args.output_dir, args.model_id, fresh=args.overwrite)
+    check_checkpoint_space(args.output_dir, (model, bert), optimizer,
+                                  replaces=run_file_names(args.model_id, 0))
+    writer = make_writer(args.output_dir, args.model_id, fresh=args.overwrite)
     start = time.time()
-    engine.fit(train_step=engine.supervised_step(train_model, train_bert, build_criterion().to(env.device)),
-               predict=engine.predict_fn(model, bert, args.amp),
-               train_loader=train_loader, val_loader=val_loader, optimizer=optimizer,
-               lr_scheduler=lr_scheduler, start_epoch=start_epoch, epochs=end_epoch, best={'oIoU': best_oiou},
-               device=env.device, save=engine.stage1_saver(make_state, args.output_dir, args.model_id),
-               print_freq=args.print_freq, amp=args.amp, writer=writer, set_modes=set_modes)
+    fit(train_step=supervised_step(train_model, train_bert, build_criterion().to(env.device)),
+        predict=predict_fn(model, bert, args.amp),
+        train_loader=train_loader, val_loader=val_loader, optimizer=optimizer,
+        lr_scheduler=lr_scheduler, start_epoch=start_epoch, epochs=stop_epoch, best={'oIoU': best_oiou},
+        device=env.device, save=stage1_saver(make_state, args.output_dir, args.model_id),
+        print_freq=args.print_freq, amp=args.amp, writer=writer, set_modes=set_modes)
     if writer is not None:
         writer.close()
     logger.info(f'training time {time.strftime("%H:%M:%S", time.gmtime(time.time() - start))}')

@@ -18,8 +18,19 @@ import logging
 import os
 
 import utils
-from lib import engine, lrb
-from lib.losses import build_criterion
+from lib.model.build import build_model
+from lib.training.checkpoint import (
+    check_checkpoint_space, load_model_and_bert, restore_training_state, save_checkpoint, training_checkpoint)
+from lib.training.data import build_data
+from lib.training.engine import fit
+from lib.training.launch import end_epoch, launch
+from lib.training.losses import build_criterion
+from lib.training.lrb.bank import (
+    N_PROMPT, ReferenceBank, bank_path, build_bank_optimizer, check_bank_in_sync, weak_ref_ids)
+from lib.training.lrb.stages import Stage2Bank, bank_predict_fn, open_stage_run, stage_file_names, validate_stage_args
+from lib.training.optim import build_poly_scheduler
+from lib.training.summary import make_writer
+from lib.training.wrap import apply_speed_options, wrap_for_distributed
 
 logger = logging.getLogger('lrb')
 
@@ -27,17 +38,17 @@ STAGE = 2
 
 
 def main(argv=None):
-    return engine.launch(run, argv, validate=validate_args)
+    return launch(run, argv, validate=validate_args)
 
 
 def validate_args(args):
-    return lrb.validate_stage_args(args, STAGE)
+    return validate_stage_args(args, STAGE)
 
 
 def run(args, env, batch_size):
-    checkpoint, resuming = lrb.open_stage_run(args, env, batch_size, STAGE)
-    train_set, _, train_loader, val_loader = engine.build_data(args, env, batch_size, val_split='train')
-    weak = lrb.weak_ref_ids(train_set)
+    checkpoint, resuming = open_stage_run(args, env, batch_size, STAGE)
+    train_set, _, train_loader, val_loader = build_data(args, env, batch_size, val_split='train')
+    weak = weak_ref_ids(train_set)
     if not weak:
         raise utils.InputError(f'--refer_data_root {args.refer_data_root}: no weak (class-name) train refs; '
                                f'stage 2 needs the mask data root of mask_train_only.py (<dataset>-XX-mask)')
@@ -46,36 +57,36 @@ def run(args, env, batch_size):
                        f'expressions; the bank learns rows for all of them, as the original (the mask data '
                        f'root holds weak refs only)')
 
-    model, bert = engine.build_model(args, pretrained='', checkpoint=checkpoint)
-    engine.load_model_and_bert(checkpoint, model, bert, key='model', source=args.resume)
+    model, bert = build_model(args, pretrained='', checkpoint=checkpoint)
+    load_model_and_bert(checkpoint, model, bert, key='model', source=args.resume)
     for p in list(model.parameters()) + list(bert.parameters()):
         p.requires_grad_(False)
     if resuming:
-        bank = lrb.ReferenceBank.from_state(checkpoint.get('caption_bank'), f'--resume {args.resume}')
+        bank = ReferenceBank.from_state(checkpoint.get('caption_bank'), f'--resume {args.resume}')
     else:
-        bank = lrb.ReferenceBank(train_set.ref_ids, lrb.N_PROMPT, bert.config.hidden_size)
+        bank = ReferenceBank(train_set.ref_ids, N_PROMPT, bert.config.hidden_size)
     bank.check_dim(bert.config.hidden_size, f'--resume {args.resume}')
     bank.check_covers(train_set, f'--resume {args.resume}')
     model.to(env.device)
     bert.to(env.device)
     bank.to(env.device).broadcast_()
-    model = engine.wrap_for_distributed(model, env)  # SyncBatchNorm on GPUs: its statistics move, as the original
+    model = wrap_for_distributed(model, env)  # SyncBatchNorm on GPUs: its statistics move, as the original
     logger.info(f'teacher {args.resume} frozen; bank of {len(bank)} refs x {bank.n_prompt} x {bank.dim} '
                 f'({bank.embedding.numel() * 4 / 2 ** 20:.1f} MiB)')
 
-    optimizer = lrb.build_bank_optimizer(bank, args.lr, args)
-    lr_scheduler = engine.build_poly_scheduler(optimizer, len(train_loader) * args.epochs)
+    optimizer = build_bank_optimizer(bank, args.lr, args)
+    lr_scheduler = build_poly_scheduler(optimizer, len(train_loader) * args.epochs)
     start_epoch, best = 0, {'oIoU': -0.1}
     if resuming:
-        start_epoch, best['oIoU'] = engine.restore_training_state(checkpoint, optimizer, lr_scheduler, args.resume)
+        start_epoch, best['oIoU'] = restore_training_state(checkpoint, optimizer, lr_scheduler, args.resume)
         logger.info(f'resumed stage 2 from {args.resume}: continuing at epoch {start_epoch}')
     del checkpoint
-    end_epoch = engine.end_epoch(args, start_epoch)
-    if end_epoch is None:
+    stop_epoch = end_epoch(args, start_epoch)
+    if stop_epoch is None:
         return
 
     # --compile: the frozen teacher's forward and backward (to the bank) compiled; evaluation stays eager
-    stage = lrb.Stage2Bank(engine.apply_speed_options(model, args), engine.apply_speed_options(bert, args), bank,
+    stage = Stage2Bank(apply_speed_options(model, args), apply_speed_options(bert, args), bank,
                            build_criterion().to(env.device))
 
     def set_modes(training):
@@ -83,25 +94,25 @@ def run(args, env, batch_size):
         bert.eval()
 
     def save(epoch, summary, improved, best):
-        state = engine.training_checkpoint(model, bert, optimizer, lr_scheduler, epoch, args, best['oIoU'],
-                                           caption_bank=bank.state(), lrb_stage=STAGE)
+        state = training_checkpoint(model, bert, optimizer, lr_scheduler, epoch, args, best['oIoU'],
+                                    caption_bank=bank.state(), lrb_stage=STAGE)
         last = os.path.join(args.output_dir, f'model_last_{args.model_id}.pth')
-        engine.save_checkpoint(state, last)
+        save_checkpoint(state, last)
         if 'oIoU' in improved:
-            bank.save(lrb.bank_path(args.output_dir, args.model_id))
-        logger.info(f'saved {last}' + (f' and the best bank {lrb.bank_path(args.output_dir, args.model_id)}'
+            bank.save(bank_path(args.output_dir, args.model_id))
+        logger.info(f'saved {last}' + (f' and the best bank {bank_path(args.output_dir, args.model_id)}'
                                        if 'oIoU' in improved else ''))
 
-    engine.check_checkpoint_space(args.output_dir, (model, bert, bank), optimizer,
-                                  replaces=lrb.stage_file_names(STAGE, args.model_id))
-    writer = engine.make_writer(args.output_dir, args.model_id, fresh=args.overwrite)
-    engine.fit(train_step=stage.step, predict=lrb.bank_predict_fn(model, bert, bank, args.amp),
-               train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, lr_scheduler=lr_scheduler,
-               start_epoch=start_epoch, epochs=end_epoch, best=best, device=env.device, save=save,
-               print_freq=args.print_freq, amp=args.amp, writer=writer, set_modes=set_modes,
-               after_backward=stage.after_backward, on_epoch_start=lambda e: lrb.check_bank_in_sync(bank),
-               val_desc='Weak train')
-    lrb.check_bank_in_sync(bank)
+    check_checkpoint_space(args.output_dir, (model, bert, bank), optimizer,
+                                  replaces=stage_file_names(STAGE, args.model_id))
+    writer = make_writer(args.output_dir, args.model_id, fresh=args.overwrite)
+    fit(train_step=stage.step, predict=bank_predict_fn(model, bert, bank, args.amp),
+        train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        start_epoch=start_epoch, epochs=stop_epoch, best=best, device=env.device, save=save,
+        print_freq=args.print_freq, amp=args.amp, writer=writer, set_modes=set_modes,
+        after_backward=stage.after_backward, on_epoch_start=lambda e: check_bank_in_sync(bank),
+        val_desc='Weak train')
+    check_bank_in_sync(bank)
     if writer is not None:
         writer.close()
 

@@ -23,8 +23,20 @@ import os
 import torch
 
 import utils
-from lib import engine, lrb
-from lib.losses import build_criterion
+from lib.model.build import build_model, dummy_forward
+from lib.training.checkpoint import (
+    check_checkpoint_space, copy_atomic, load_model_and_bert, load_weights, restore_training_state, save_checkpoint,
+    training_checkpoint)
+from lib.training.data import build_data
+from lib.training.engine import fit, predict_fn
+from lib.training.launch import end_epoch, launch
+from lib.training.losses import build_criterion
+from lib.training.lrb.bank import ReferenceBank, bank_path, build_bank_optimizer, check_bank_in_sync
+from lib.training.lrb.schedule import count_bank_steps
+from lib.training.lrb.stages import Stage3Joint, open_stage_run, stage_file_names, validate_stage_args
+from lib.training.optim import build_optimizer, build_param_groups, build_poly_scheduler, freeze_unoptimized
+from lib.training.summary import make_writer
+from lib.training.wrap import apply_speed_options, find_unused_parameters, wrap_for_distributed
 
 logger = logging.getLogger('lrb')
 
@@ -32,75 +44,75 @@ STAGE = 3
 
 
 def main(argv=None):
-    return engine.launch(run, argv, validate=validate_args)
+    return launch(run, argv, validate=validate_args)
 
 
 def validate_args(args):
-    return lrb.validate_stage_args(args, STAGE)  # --caption_lr / _inner_steps / _update_every: utils.FLAG_RULES
+    return validate_stage_args(args, STAGE)  # --caption_lr / _inner_steps / _update_every: utils.FLAG_RULES
 
 
 def run(args, env, batch_size):
-    checkpoint, resuming = lrb.open_stage_run(args, env, batch_size, STAGE)
+    checkpoint, resuming = open_stage_run(args, env, batch_size, STAGE)
     if resuming:
-        bank = lrb.ReferenceBank.from_state(checkpoint.get('caption_bank'), f'--resume {args.resume}')
+        bank = ReferenceBank.from_state(checkpoint.get('caption_bank'), f'--resume {args.resume}')
         bank_source = f'--resume {args.resume}'
     else:
         if not args.caption_embedding_path:
             raise utils.InputError('--caption_embedding_path: give the stage-2 bank (caption_embeddings_<id>.pt)')
-        bank = lrb.ReferenceBank.from_file(args.caption_embedding_path)
+        bank = ReferenceBank.from_file(args.caption_embedding_path)
         bank_source = f'--caption_embedding_path {args.caption_embedding_path}'
-    train_set, _, train_loader, val_loader = engine.build_data(args, env, batch_size)
+    train_set, _, train_loader, val_loader = build_data(args, env, batch_size)
 
-    student, bert = engine.build_model(args, pretrained='', checkpoint=checkpoint)
+    student, bert = build_model(args, pretrained='', checkpoint=checkpoint)
     bank.check_dim(bert.config.hidden_size, bank_source)
     bank.check_covers(train_set, bank_source)
-    engine.load_model_and_bert(checkpoint, student, bert, key='student_model' if resuming else 'model',
-                               source=args.resume)
+    load_model_and_bert(checkpoint, student, bert, key='student_model' if resuming else 'model',
+                        source=args.resume)
     teacher = copy.deepcopy(student)
     if resuming:
-        engine.load_weights(teacher, checkpoint['teacher_model'], args.resume, 'teacher_model')
+        load_weights(teacher, checkpoint['teacher_model'], args.resume, 'teacher_model')
     for p in teacher.parameters():
         p.requires_grad_(False)
     is_weak = torch.tensor([r in bank.sample_id_to_index for r in train_set.ref_ids])
     logger.info(f'{int(is_weak.sum())} of {len(train_set)} train refs are weak; bank of {len(bank)} refs from '
                 f'{bank_source}')
 
-    groups = engine.build_param_groups(student, bert)
-    engine.freeze_unoptimized({'model': student, 'bert': bert}, groups)
+    groups = build_param_groups(student, bert)
+    freeze_unoptimized({'model': student, 'bert': bert}, groups)
     for module in (student, teacher, bert, bank):
         module.to(env.device)
     find_unused = False
     if env.distributed:
-        find_unused = bool(engine.find_unused_parameters(
-            [student, bert], engine.dummy_forward(student, bert, args.img_size, env.device)))
-    ddp_student = engine.wrap_for_distributed(student, env, find_unused)
-    ddp_bert = engine.wrap_for_distributed(bert, env, find_unused)
+        find_unused = bool(find_unused_parameters(
+            [student, bert], dummy_forward(student, bert, args.img_size, env.device)))
+    ddp_student = wrap_for_distributed(student, env, find_unused)
+    ddp_bert = wrap_for_distributed(bert, env, find_unused)
 
-    optimizer = engine.build_optimizer(groups, args)
-    lr_scheduler = engine.build_poly_scheduler(optimizer, len(train_loader) * args.epochs)
-    total_bank_steps = lrb.count_bank_steps(is_weak, batch_size, env.world_size, args.seed, args.epochs,
-                                            args.caption_update_every, args.caption_inner_steps)
-    bank_optimizer = lrb.build_bank_optimizer(bank, args.caption_lr, args)
-    bank_scheduler = engine.build_poly_scheduler(bank_optimizer, total_bank_steps)
+    optimizer = build_optimizer(groups, args)
+    lr_scheduler = build_poly_scheduler(optimizer, len(train_loader) * args.epochs)
+    total_bank_steps = count_bank_steps(is_weak, batch_size, env.world_size, args.seed, args.epochs,
+                                        args.caption_update_every, args.caption_inner_steps)
+    bank_optimizer = build_bank_optimizer(bank, args.caption_lr, args)
+    bank_scheduler = build_poly_scheduler(bank_optimizer, total_bank_steps)
     logger.info(f'{total_bank_steps} bank steps in {args.epochs} epochs of {len(train_loader)} iterations')
     start_epoch, best = 0, {'oIoU': -0.1, 'mIoU': -0.1}
     if resuming:
-        start_epoch, best['oIoU'] = engine.restore_training_state(checkpoint, optimizer, lr_scheduler, args.resume)
+        start_epoch, best['oIoU'] = restore_training_state(checkpoint, optimizer, lr_scheduler, args.resume)
         best['mIoU'] = float(checkpoint.get('best_miou', -0.1))
         bank_optimizer.load_state_dict(checkpoint['bank_optimizer'])
         bank_scheduler.load_state_dict(checkpoint['bank_lr_scheduler'])
         logger.info(f'resumed stage 3 from {args.resume}: continuing at epoch {start_epoch}')
     del checkpoint
-    end_epoch = engine.end_epoch(args, start_epoch)
-    if end_epoch is None:
+    stop_epoch = end_epoch(args, start_epoch)
+    if stop_epoch is None:
         return
 
-    train_student, train_bert = engine.apply_speed_options(ddp_student, args), engine.apply_speed_options(ddp_bert, args)
-    joint = lrb.Stage3Joint(train_student, teacher, train_bert, bank, build_criterion().to(env.device),
-                            bank_optimizer, bank_scheduler, inner_steps=args.caption_inner_steps,
-                            update_every=args.caption_update_every, is_weak=is_weak, batch_size=batch_size,
-                            world_size=env.world_size, seed=args.seed, steps_per_epoch=len(train_loader),
-                            amp=args.amp)
+    train_student, train_bert = apply_speed_options(ddp_student, args), apply_speed_options(ddp_bert, args)
+    joint = Stage3Joint(train_student, teacher, train_bert, bank, build_criterion().to(env.device),
+                        bank_optimizer, bank_scheduler, inner_steps=args.caption_inner_steps,
+                        update_every=args.caption_update_every, is_weak=is_weak, batch_size=batch_size,
+                        world_size=env.world_size, seed=args.seed, steps_per_epoch=len(train_loader),
+                        amp=args.amp)
 
     def set_modes(training):
         ddp_student.train(training)
@@ -108,30 +120,30 @@ def run(args, env, batch_size):
         bert.eval()  # the separate BERT never leaves eval mode (no dropout), as the original
 
     def on_epoch_start(epoch):
-        lrb.check_bank_in_sync(bank)
+        check_bank_in_sync(bank)
         joint.on_epoch_start(epoch)
 
     def save(epoch, summary, improved, best):
-        state = engine.training_checkpoint(
+        state = training_checkpoint(
             student, bert, optimizer, lr_scheduler, epoch, args, best['oIoU'], model_key='student_model',
             teacher_model=teacher.state_dict(), caption_bank=bank.state(), bank_optimizer=bank_optimizer.state_dict(),
             bank_lr_scheduler=bank_scheduler.state_dict(), best_miou=best['mIoU'], lrb_stage=STAGE)
         last = os.path.join(args.output_dir, f'model_last_{args.model_id}.pth')
-        engine.save_checkpoint(state, last)
+        save_checkpoint(state, last)
         for metric in sorted(improved):
-            engine.copy_atomic(last, os.path.join(args.output_dir, f'model_best_{metric}_{args.model_id}.pth'))
-            bank.save(lrb.bank_path(args.output_dir, args.model_id, f'{metric}_best'))
+            copy_atomic(last, os.path.join(args.output_dir, f'model_best_{metric}_{args.model_id}.pth'))
+            bank.save(bank_path(args.output_dir, args.model_id, f'{metric}_best'))
         logger.info(f'saved {last}' + (f' (best {", ".join(sorted(improved))})' if improved else ''))
 
-    engine.check_checkpoint_space(args.output_dir, (student, teacher, bert, bank), [optimizer, bank_optimizer],
-                                  replaces=lrb.stage_file_names(STAGE, args.model_id))
-    writer = engine.make_writer(args.output_dir, args.model_id, fresh=args.overwrite)
-    engine.fit(train_step=joint.step, predict=engine.predict_fn(student, bert, args.amp),
-               train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, lr_scheduler=lr_scheduler,
-               start_epoch=start_epoch, epochs=end_epoch, best=best, device=env.device, save=save,
-               print_freq=args.print_freq, amp=args.amp, writer=writer, set_modes=set_modes,
-               on_epoch_start=on_epoch_start, before_step=joint.before_step, after_step=joint.after_step)
-    lrb.check_bank_in_sync(bank)
+    check_checkpoint_space(args.output_dir, (student, teacher, bert, bank), [optimizer, bank_optimizer],
+                                  replaces=stage_file_names(STAGE, args.model_id))
+    writer = make_writer(args.output_dir, args.model_id, fresh=args.overwrite)
+    fit(train_step=joint.step, predict=predict_fn(student, bert, args.amp),
+        train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        start_epoch=start_epoch, epochs=stop_epoch, best=best, device=env.device, save=save,
+        print_freq=args.print_freq, amp=args.amp, writer=writer, set_modes=set_modes,
+        on_epoch_start=on_epoch_start, before_step=joint.before_step, after_step=joint.after_step)
+    check_bank_in_sync(bank)
     logger.info(f'{joint.bank_steps_taken} bank steps taken in this run; schedule at '
                 f'{bank_scheduler.last_epoch} of {total_bank_steps}')
     if writer is not None:

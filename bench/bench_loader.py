@@ -41,12 +41,12 @@ def get_args(argv=None):
 
 def build_loader(data_root, dataset, img_size, batch, workers, pin_memory, tokenizer_dir):
     from bert.encoder import load_tokenizer
-    from lib import engine
+    from lib.training.data import build_train_loader
     from refer.dataset import build_dataset
     args = utils.get_parser().parse_args(['--refer_data_root', str(data_root), '--dataset', dataset,
                                           '--img_size', str(img_size), '--workers', str(workers)])
     train_set = build_dataset(args, 'train', load_tokenizer(str(tokenizer_dir)), eval_mode=False)
-    return engine.build_train_loader(train_set, batch, workers, seed=0, pin_memory=pin_memory)
+    return build_train_loader(train_set, batch, workers, seed=0, pin_memory=pin_memory)
 
 
 def measure(loader, batches):

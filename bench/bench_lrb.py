@@ -3,9 +3,9 @@
     .venv/bin/python bench/bench_lrb.py --device cpu --swin_type nano --img_size 64 -b 8
     python bench/bench_lrb.py --device cuda --swin_type base --img_size 480 -b 8 --window12 --bank_refs 11000
 
-Each stage runs its real code (lib/lrb.py hooks inside engine.train_one_epoch) on one synthetic batch:
-stage 1 = engine.supervised_step; stage 2 = lrb.Stage2Bank (frozen teacher, bank only); stage 3 =
-lrb.Stage3Joint with --caption_inner_steps bank steps at every iteration (the most expensive case, as
+Each stage runs its real code (lib/training/lrb hooks inside engine.train_one_epoch) on one synthetic batch:
+stage 1 = engine.supervised_step; stage 2 = Stage2Bank (frozen teacher, bank only); stage 3 =
+Stage3Joint with --caption_inner_steps bank steps at every iteration (the most expensive case, as
 at the 10 % setting where nearly every batch holds weak samples). --weak_share of the batch is weak.
 The bank has --bank_refs rows (about 11,000 at RRSIS-D's 10 % setting): its AdamW step is dense, as the
 original's. The variants alternate over --rounds rounds; the fastest round counts.
@@ -21,8 +21,12 @@ import torch  # noqa: E402
 
 import utils  # noqa: E402
 from bench import bench_train  # noqa: E402
-from lib import distributed, engine, lrb  # noqa: E402
-from lib.losses import build_criterion  # noqa: E402
+from lib.model.build import text_encoder_of  # noqa: E402
+from lib.training import distributed, engine  # noqa: E402
+from lib.training.losses import build_criterion  # noqa: E402
+from lib.training.lrb.bank import N_PROMPT, ReferenceBank, build_bank_optimizer  # noqa: E402
+from lib.training.lrb.stages import Stage2Bank, Stage3Joint  # noqa: E402
+from lib.training.optim import build_optimizer, build_param_groups, build_poly_scheduler, freeze_unoptimized  # noqa: E402
 
 
 def get_args(argv=None):
@@ -46,34 +50,34 @@ def measure(args):
     distributed.seed_everything(args.seed)
     device = env.device
     model, bert = bench_train.build(args, device)
-    text = engine.text_encoder_of(model, bert)
+    text = text_encoder_of(model, bert)
     batch = bench_train.synthetic_batch(args.batch_size, args.img_size, text.config.vocab_size)
     n_weak = round(args.weak_share * args.batch_size)
     batch['ref_id'] = torch.cat([torch.arange(n_weak), args.bank_refs + torch.arange(args.batch_size - n_weak)])
     batch = engine.to_device(batch, device)
     criterion = build_criterion().to(device)
-    bank = lrb.ReferenceBank(range(args.bank_refs), lrb.N_PROMPT, text.config.hidden_size).to(device)
+    bank = ReferenceBank(range(args.bank_refs), N_PROMPT, text.config.hidden_size).to(device)
 
-    groups = engine.build_param_groups(model, bert)
-    engine.freeze_unoptimized({'model': model, 'bert': bert}, groups)
-    optimizer = engine.build_optimizer(groups, args)
-    scheduler = engine.build_poly_scheduler(optimizer, 10 ** 6)
+    groups = build_param_groups(model, bert)
+    freeze_unoptimized({'model': model, 'bert': bert}, groups)
+    optimizer = build_optimizer(groups, args)
+    scheduler = build_poly_scheduler(optimizer, 10 ** 6)
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    bank_opt = lrb.build_bank_optimizer(bank, 1e-6, args)
-    bank_sched = engine.build_poly_scheduler(bank_opt, 10 ** 6)
+    bank_opt = build_bank_optimizer(bank, 1e-6, args)
+    bank_sched = build_poly_scheduler(bank_opt, 10 ** 6)
     n = args.warmup + args.iters
-    joint = lrb.Stage3Joint(model, teacher, bert, bank, criterion, bank_opt, bank_sched,
-                            inner_steps=args.caption_inner_steps, update_every=1,
-                            is_weak=torch.ones(1, dtype=torch.bool), batch_size=args.batch_size, world_size=1,
-                            seed=0, steps_per_epoch=n, amp=args.amp)
+    joint = Stage3Joint(model, teacher, bert, bank, criterion, bank_opt, bank_sched,
+                        inner_steps=args.caption_inner_steps, update_every=1,
+                        is_weak=torch.ones(1, dtype=torch.bool), batch_size=args.batch_size, world_size=1,
+                        seed=0, steps_per_epoch=n, amp=args.amp)
     joint.plan = [True] * n  # a bank step at every iteration
     # stage 2 trains the bank alone through a frozen copy in train mode (as the original)
     frozen = copy.deepcopy(model).train()
     for p in frozen.parameters():
         p.requires_grad_(False)
-    stage2 = lrb.Stage2Bank(frozen, bert, bank, criterion)
+    stage2 = Stage2Bank(frozen, bert, bank, criterion)
 
     def epoch(step, opt, sched, **hooks):
         engine.train_one_epoch(step, [batch] * n, opt, sched, 0, device=device, print_freq=10 ** 9, amp=args.amp,

@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import utils  # noqa: E402
-from lib.backbone import SWIN_PRESETS  # noqa: E402
-from lib.segmentation import lavt  # noqa: E402
+from lib.model.backbone import SWIN_PRESETS  # noqa: E402
+from lib.model.segmentation import lavt  # noqa: E402
 
 
 def parse_args(argv):

@@ -17,8 +17,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import utils  # noqa: E402
-from lib import distributed, engine  # noqa: E402
-from lib.losses import build_criterion  # noqa: E402
+from lib.model.build import build_model, text_encoder_of  # noqa: E402
+from lib.training import distributed, engine  # noqa: E402
+from lib.training.losses import build_criterion  # noqa: E402
+from lib.training.optim import build_optimizer, build_param_groups, build_poly_scheduler, freeze_unoptimized  # noqa: E402
+from lib.training.wrap import apply_speed_options  # noqa: E402
 
 
 def get_args(argv=None):
@@ -46,12 +49,12 @@ def random_bert(hidden, layers):
 
 
 def build(args, device):
-    from lib import segmentation
+    from lib.model import segmentation
     if args.model == 'lavt' and not os.path.isdir(args.ck_bert):
         bert = random_bert(args.bert_hidden, args.bert_layers)
         model = segmentation.lavt('', args, text_dim=bert.config.hidden_size)
     else:
-        model, bert = engine.build_model(args, pretrained='')
+        model, bert = build_model(args, pretrained='')
     model.to(device)
     if bert is not None:
         bert.to(device)
@@ -75,13 +78,13 @@ def measure(args):
     distributed.seed_everything(args.seed)
     device = env.device
     model, bert = build(args, device)
-    groups = engine.build_param_groups(model, bert)
-    engine.freeze_unoptimized({'model': model, 'bert': bert}, groups)
-    optimizer = engine.build_optimizer(groups, args)
-    scheduler = engine.build_poly_scheduler(optimizer, args.warmup + args.iters)
-    text = engine.text_encoder_of(model, bert)
+    groups = build_param_groups(model, bert)
+    freeze_unoptimized({'model': model, 'bert': bert}, groups)
+    optimizer = build_optimizer(groups, args)
+    scheduler = build_poly_scheduler(optimizer, args.warmup + args.iters)
+    text = text_encoder_of(model, bert)
     batch = synthetic_batch(args.batch_size, args.img_size, text.config.vocab_size)
-    step = engine.supervised_step(engine.apply_speed_options(model, args), engine.apply_speed_options(bert, args),
+    step = engine.supervised_step(apply_speed_options(model, args), apply_speed_options(bert, args),
                                   build_criterion().to(device))  # --compile
     model.train()
 

@@ -66,6 +66,14 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
 import utils  # noqa: E402
+from lib.files import atomic_file  # noqa: E402
+from lib.model import segmentation  # noqa: E402
+from lib.model.build import segment  # noqa: E402
+from lib.training import engine  # noqa: E402
+from lib.training.checkpoint import load_weights  # noqa: E402
+from lib.training.losses import build_criterion  # noqa: E402
+from lib.training.optim import build_optimizer, build_param_groups, build_poly_scheduler, freeze_unoptimized  # noqa: E402
+from lib.training.wrap import apply_speed_options, wrap_for_distributed  # noqa: E402
 
 CONFIGS = {
     'paper': dict(swin_type='base', img_size=480, batch=2, bert_layers=12),
@@ -222,8 +230,8 @@ class _GridView(torch.Tensor):
 def _original_size_shims(orig, img_size, swin_type):
     """Constructor defaults of the original's cross-scale module for a grid other than 15 x 15 and
     Swin widths other than Swin-B's (restored afterwards)."""
-    from lib.backbone import SWIN_PRESETS
-    from lib.cross_scale import token_counts
+    from lib.model.backbone import SWIN_PRESETS
+    from lib.model.cross_scale import token_counts
     grid = img_size // 32
     embed = SWIN_PRESETS[swin_type][0]
     csa_init, cim_init = orig.cross_scale.CrossScaleAttention.__init__, orig.cross_scale.CIM.__init__
@@ -388,7 +396,7 @@ class OriginalVariant:
 def _init_buffers(model):
     """Buffers a state_dict may lack (benign keys), after building on the meta device."""
     from timm.layers import gen_relative_position_index
-    from lib.backbone import WindowAttention
+    from lib.model.backbone import WindowAttention
     for m in model.modules():
         if isinstance(m, WindowAttention):
             m.relative_position_index.copy_(gen_relative_position_index(m.window_size))
@@ -397,11 +405,9 @@ def _init_buffers(model):
 
 
 class OursVariant:
-    """engine.train_one_epoch with the options of the variant, the way train.py sets them up."""
+    """lib.training.engine.train_one_epoch with the options of the variant, the way train.py sets them up."""
 
     def __init__(self, model_sd, bert_template, cfg, base, options, batch, device, compile_backend='inductor'):
-        from lib import engine, segmentation
-        from lib.losses import build_criterion
         flags = ['--swin_type', cfg['swin_type'], '--img_size', str(cfg['img_size']), '--window12',
                  '--pretrained_swin_weights', '']
         flags += ['--amp'] if base == 'bf16' else []
@@ -414,22 +420,22 @@ class OursVariant:
             model = segmentation.lavt('', args, text_dim=_width(cfg))
         model = model.to_empty(device=device)
         _init_buffers(model)
-        engine.load_weights(model, model_sd, 'the original', 'model')  # strict: every key, every shape
+        load_weights(model, model_sd, 'the original', 'model')  # strict: every key, every shape
         bert = copy.deepcopy(bert_template).to(device)
-        groups = engine.build_param_groups(model, bert)
-        engine.freeze_unoptimized({'model': model, 'bert': bert}, groups)
+        groups = build_param_groups(model, bert)
+        freeze_unoptimized({'model': model, 'bert': bert}, groups)
         self.model, self.bert, self.device, self.amp = model, bert, device, args.amp
         self.cudnn_benchmark = 'cudnn_benchmark' in options
-        self.optimizer = engine.build_optimizer(groups, args)
-        self.scheduler = engine.build_poly_scheduler(self.optimizer, 10 ** 7)
+        self.optimizer = build_optimizer(groups, args)
+        self.scheduler = build_poly_scheduler(self.optimizer, 10 ** 7)
         if 'ddp' in options:  # as train.py wraps them under torchrun (needs single_process_group)
-            from lib.distributed import DistEnv
+            from lib.training.distributed import DistEnv
             env = DistEnv(True, 0, 1, device.index or 0, device)
-            model, bert = engine.wrap_for_distributed(model, env), engine.wrap_for_distributed(bert, env)
+            model, bert = wrap_for_distributed(model, env), wrap_for_distributed(bert, env)
         if 'cudagraphs' in options:  # inductor with CUDA graphs (replayed launches) instead of the flag's default mode
             speed = lambda m: torch.compile(m, mode='reduce-overhead', dynamic=False)  # noqa: E731
         else:
-            speed = lambda m: engine.apply_speed_options(m, args)  # noqa: E731
+            speed = lambda m: apply_speed_options(m, args)  # noqa: E731
         self.step = engine.supervised_step(speed(model), speed(bert), build_criterion().to(device))
         pin = 'pin_mem' in options and device.type == 'cuda'  # pinning needs a GPU
         self.batch = {k: v.pin_memory() for k, v in batch.items()} if pin else batch
@@ -440,7 +446,6 @@ class OursVariant:
         return [self.model, self.bert]
 
     def run(self, n):
-        from lib import engine
         saved = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = self.cudnn_benchmark
         try:
@@ -455,8 +460,7 @@ class OursVariant:
         convolutions run as one dense convolution per sample meanwhile (the same FLOPs): FlopCounterMode
         counts the backward of a grouped convolution `groups` times over (torch 2.x)."""
         from torch.utils.flop_counter import FlopCounterMode
-        from lib import engine
-        from lib.decoder import AdaptiveRotatedConv2d
+        from lib.model.decoder import AdaptiveRotatedConv2d
         rotated = [m for m in self.model.modules() if isinstance(m, AdaptiveRotatedConv2d)]
         saved = [m.channels_last for m in rotated]
         batch = engine.to_device(self.batch, self.device)
@@ -674,7 +678,6 @@ def prepare_weights(cfg, original=None):
         if original is not None:
             orig_model, orig_bert = build_original(original, cfg)
         else:
-            from lib import segmentation
             args = utils.get_parser().parse_args(['--swin_type', cfg['swin_type'], '--img_size',
                                                   str(cfg['img_size']), '--window12', '--pretrained_swin_weights', ''])
             torch.manual_seed(0)
@@ -739,14 +742,13 @@ def _time_alternating(variants, rounds, iters, times, tag):
 def check_same_model(orig_model, orig_bert, model_sd, bert_template, cfg, batch):
     """Max |logits difference| of the original and ours with the same weights, eval mode, on the CPU,
     first sample of the batch."""
-    from lib import engine, segmentation
     args = utils.get_parser().parse_args(['--swin_type', cfg['swin_type'], '--img_size', str(cfg['img_size']),
                                           '--window12', '--pretrained_swin_weights', ''])
     with torch.device('meta'), _quiet():
         ours = segmentation.lavt('', args, text_dim=_width(cfg))
     ours = ours.to_empty(device='cpu')
     _init_buffers(ours)
-    engine.load_weights(ours, model_sd, 'the original', 'model')
+    load_weights(ours, model_sd, 'the original', 'model')
     image, ids, mask = batch['image'][:1], batch['input_ids'][:1], batch['attention_mask'][:1]
     was_training = orig_model.training
     orig_model.eval()
@@ -755,14 +757,13 @@ def check_same_model(orig_model, orig_bert, model_sd, bert_template, cfg, batch)
         theirs = orig_model(image, hidden.permute(0, 2, 1), mask.unsqueeze(-1))
     finally:
         orig_model.train(was_training)
-    mine = engine.segment(ours.eval(), bert_template, image, ids, mask)
+    mine = segment(ours.eval(), bert_template, image, ids, mask)
     return (theirs - mine).abs().max().item()
 
 
 def _our_bert(cfg, orig_bert):
     """Our BERT (transformers) with the original BERT's weights (strict), on the CPU."""
     from transformers import BertConfig, BertModel
-    from lib import engine
     width = _width(cfg)
     config = BertConfig(vocab_size=30522, hidden_size=width, num_hidden_layers=cfg['bert_layers'],
                         num_attention_heads=max(1, width // 64), intermediate_size=4 * width)
@@ -770,7 +771,7 @@ def _our_bert(cfg, orig_bert):
     bert = BertModel(config, add_pooling_layer=False)
     bert.pooler = None
     if orig_bert is not None:
-        engine.load_weights(bert, orig_bert.state_dict(), 'the original', 'bert_model')
+        load_weights(bert, orig_bert.state_dict(), 'the original', 'bert_model')
     return bert.eval()
 
 
@@ -870,7 +871,7 @@ def main(argv=None):
                                  rounds=args.rounds, iters=args.iters, peak_tflops=args.peak_tflops)
                for c in configs}
     if args.json:
-        with utils.atomic_file(args.json) as tmp:
+        with atomic_file(args.json) as tmp:
             Path(tmp).write_text(json.dumps(results, indent=2, default=str))
         print(f'figures written to {args.json}')
 

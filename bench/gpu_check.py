@@ -239,9 +239,9 @@ def _train_case(device, cross_scale, precision, batch, img_size, swin_type, step
 def training(report, smoke, device):
     """Training-step speed of lavt (Swin-B, 480 px) for each cross-scale module and precision."""
     try:
-        import lib.segmentation  # noqa: F401
+        import lib.model.segmentation  # noqa: F401
     except Exception as e:
-        report.skip('train', f'lib.segmentation not importable ({type(e).__name__}: {e})')
+        report.skip('train', f'lib.model.segmentation not importable ({type(e).__name__}: {e})')
         return None
     img_size, swin_type = (64, 'nano') if smoke else (480, 'base')
     steps, warmup = (1, 1) if smoke else (10, 3)
@@ -282,7 +282,7 @@ def training(report, smoke, device):
 
 
 def lrb_stages(smoke, device):
-    """Stage-2 and stage-3 iterations (lib/lrb.py hooks in the real engine loop) against a stage-1 step at the
+    """Stage-2 and stage-3 iterations (lib/training/lrb hooks in the real engine loop) against a stage-1 step at the
     same batch, fp32 and bf16, with a bank of RRSIS-D's 10 % size (11,000 refs x 20 x 768)."""
     import bench_lrb
     figures = {}

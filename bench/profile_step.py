@@ -18,8 +18,10 @@ import torch  # noqa: E402
 
 import utils  # noqa: E402
 from bench import bench_train  # noqa: E402
-from lib import distributed, engine  # noqa: E402
-from lib.losses import build_criterion  # noqa: E402
+from lib.model.build import text_encoder_of  # noqa: E402
+from lib.training import distributed, engine  # noqa: E402
+from lib.training.losses import build_criterion  # noqa: E402
+from lib.training.optim import build_optimizer, build_param_groups, build_poly_scheduler, freeze_unoptimized  # noqa: E402
 
 
 def get_args(argv=None):
@@ -41,11 +43,11 @@ def profile(args):
     distributed.seed_everything(args.seed)
     device = env.device
     model, bert = bench_train.build(args, device)
-    groups = engine.build_param_groups(model, bert)
-    engine.freeze_unoptimized({'model': model, 'bert': bert}, groups)
-    optimizer = engine.build_optimizer(groups, args)
-    scheduler = engine.build_poly_scheduler(optimizer, 10 ** 6)
-    text = engine.text_encoder_of(model, bert)
+    groups = build_param_groups(model, bert)
+    freeze_unoptimized({'model': model, 'bert': bert}, groups)
+    optimizer = build_optimizer(groups, args)
+    scheduler = build_poly_scheduler(optimizer, 10 ** 6)
+    text = text_encoder_of(model, bert)
     batch = bench_train.synthetic_batch(args.batch_size, args.img_size, text.config.vocab_size)
     step = engine.supervised_step(model, bert, build_criterion().to(device))
     model.train()

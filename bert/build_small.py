@@ -18,7 +18,8 @@ from transformers import BertConfig, BertModel, BertTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from refer.refer import IMAGE_DIRS, load_instances, load_refs
-from utils import InputError, atomic_output_dir, run_cli
+from lib.files import atomic_output_dir
+from utils import InputError, run_cli
 
 # [PAD] must be id 0: the dataset pads token ids with 0, as bert-base-uncased does.
 SPECIAL_TOKENS = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']

@@ -10,8 +10,16 @@ import torch
 import torch.nn as nn
 from transformers import BertConfig, BertModel
 
-from lib import distributed, engine, metrics
-from lib.losses import DiceLoss, SegmentationLoss, build_criterion
+from lib.model.build import segment, text_features
+from lib.training import distributed, engine, metrics
+from lib.training.checkpoint import (
+    checkpoint_paths, load_checkpoint, load_model_and_bert, load_weights, restore_training_state, save_checkpoint,
+    save_epoch_checkpoints, training_checkpoint)
+from lib.training.losses import DiceLoss, SegmentationLoss, build_criterion
+from lib.training.optim import (
+    build_optimizer, build_param_groups, build_poly_scheduler, freeze_unoptimized, unoptimized_parameters)
+from lib.training.visualize import OverlayWriter
+from lib.training.wrap import find_unused_parameters
 from utils import InputError
 
 
@@ -59,7 +67,7 @@ class TinyLavtOne(TinyLavt):
         self.text_encoder = tiny_bert(layers)
 
     def forward(self, image, input_ids, attention_mask):
-        l_feats, l_mask = engine.text_features(self.text_encoder, input_ids, attention_mask)
+        l_feats, l_mask = text_features(self.text_encoder, input_ids, attention_mask)
         return super().forward(image, l_feats, l_mask)
 
 
@@ -196,7 +204,7 @@ def test_sharded_eval_sampler_covers_each_index_once():
 def test_poly_schedule_per_iteration():
     p = nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([p], lr=3e-5)
-    sched = engine.build_poly_scheduler(opt, total_iters=10)
+    sched = build_poly_scheduler(opt, total_iters=10)
     lrs = []
     for _ in range(12):
         lrs.append(opt.param_groups[0]['lr'])
@@ -209,7 +217,7 @@ def test_poly_schedule_per_iteration():
 
 def test_param_groups_lavt_first_ten_bert_layers():
     model, bert = TinyLavt(), tiny_bert(12)
-    groups = engine.build_param_groups(model, bert)
+    groups = build_param_groups(model, bert)
     assert len(groups) == 4
     assert groups[0]['weight_decay'] == 0.0 and 'weight_decay' not in groups[1]
     ids = lambda ps: {id(p) for p in ps}
@@ -218,14 +226,14 @@ def test_param_groups_lavt_first_ten_bert_layers():
     assert ids(groups[1]['params']) == ids([v for k, v in bb.items() if 'norm' not in k and 'relative' not in k])
     assert ids(groups[2]['params']) == ids(model.classifier.parameters())
     assert ids(groups[3]['params']) == ids(p for i in range(10) for p in bert.encoder.layer[i].parameters())
-    opt = engine.build_optimizer(groups, opt_args(amsgrad=True))
+    opt = build_optimizer(groups, opt_args(amsgrad=True))
     assert [g['weight_decay'] for g in opt.param_groups] == [0.0, 0.01, 0.01, 0.01]
     assert all(g['amsgrad'] for g in opt.param_groups) and opt.param_groups[0]['lr'] == 3e-5
     # BERT embeddings and layers 10, 11 are not optimized (as the reference); nothing of the model is left out
-    left = engine.unoptimized_parameters({'model': model, 'bert': bert}, groups)
+    left = unoptimized_parameters({'model': model, 'bert': bert}, groups)
     assert left and all(n.startswith(('bert.embeddings', 'bert.encoder.layer.10', 'bert.encoder.layer.11'))
                         for n in left)
-    frozen = engine.freeze_unoptimized({'model': model, 'bert': bert}, groups)
+    frozen = freeze_unoptimized({'model': model, 'bert': bert}, groups)
     assert frozen == left
     assert not bert.embeddings.word_embeddings.weight.requires_grad
     assert bert.encoder.layer[9].output.dense.weight.requires_grad
@@ -233,9 +241,9 @@ def test_param_groups_lavt_first_ten_bert_layers():
 
 def test_param_groups_lavt_one_small_bert_takes_all_layers():
     model = TinyLavtOne(layers=4)
-    groups = engine.build_param_groups(model)
+    groups = build_param_groups(model)
     assert {id(p) for p in groups[3]['params']} == {id(p) for p in model.text_encoder.encoder.parameters()}
-    left = engine.unoptimized_parameters({'': model}, groups)
+    left = unoptimized_parameters({'': model}, groups)
     assert left and all(n.startswith('text_encoder.embeddings') for n in left)
 
 
@@ -246,8 +254,8 @@ def test_find_unused_parameters_and_modes_restored():
     model.unused = extra
     b = make_batch()
     running = model.classifier[1].running_mean.clone()
-    unused = engine.find_unused_parameters(
-        [model, bert], lambda: engine.segment(model, bert, b['image'], b['input_ids'], b['attention_mask']))
+    unused = find_unused_parameters(
+        [model, bert], lambda: segment(model, bert, b['image'], b['input_ids'], b['attention_mask']))
     assert unused == ['unused.weight', 'unused.bias']
     assert model.training and all(p.grad is None for p in model.parameters())
     assert torch.equal(running, model.classifier[1].running_mean)
@@ -258,24 +266,24 @@ def test_find_unused_parameters_and_modes_restored():
 def test_save_checkpoint_atomic_and_namespace_args(tmp_path):
     model = TinyLavt()
     path = tmp_path / 'sub' / 'model_last_x.pth'
-    engine.save_checkpoint({'model': model.state_dict(), 'args': argparse.Namespace(a=1, b='x')}, str(path))
+    save_checkpoint({'model': model.state_dict(), 'args': argparse.Namespace(a=1, b='x')}, str(path))
     assert os.listdir(path.parent) == ['model_last_x.pth']
-    ck = engine.load_checkpoint(str(path))
+    ck = load_checkpoint(str(path))
     assert ck['args'].a == 1
 
 
 def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(InputError, match='file not found'):
-        engine.load_checkpoint(str(tmp_path / 'nope.pth'))
+        load_checkpoint(str(tmp_path / 'nope.pth'))
     bad = tmp_path / 'bad.pth'
     bad.write_bytes(b'not a checkpoint')
     with pytest.raises(InputError, match='bad.pth'):
-        engine.load_checkpoint(str(bad))
+        load_checkpoint(str(bad))
     evil = tmp_path / 'evil.pth'
     torch.save({'model': {}, 'obj': TinyBackbone}, str(evil))  # a class reference: refused by default
     with pytest.raises(InputError, match='trust_checkpoint'):
-        engine.load_checkpoint(str(evil))
-    assert engine.load_checkpoint(str(evil), trust=True)['obj'] is TinyBackbone
+        load_checkpoint(str(evil))
+    assert load_checkpoint(str(evil), trust=True)['obj'] is TinyBackbone
 
 
 def test_original_checkpoint_keys_with_module_prefixes(tmp_path):
@@ -289,7 +297,7 @@ def test_original_checkpoint_keys_with_module_prefixes(tmp_path):
                 'args': argparse.Namespace(model='lavt', swin_type='base'), 'optimizer': {}, 'lr_scheduler': {}},
                str(path))
     model, bert = TinyLavt(), tiny_bert(3)
-    key = engine.load_model_and_bert(engine.load_checkpoint(str(path)), model, bert)
+    key = load_model_and_bert(load_checkpoint(str(path)), model, bert)
     assert key == 'model'
     for k, v in src_bert.state_dict().items():
         assert torch.equal(bert.state_dict()[k], v)
@@ -299,7 +307,7 @@ def test_original_checkpoint_keys_with_module_prefixes(tmp_path):
     torch.save({'student_model': {f'module.{k}': v for k, v in src_model.state_dict().items()}},
                str(tmp_path / 's3.pth'))
     fresh = TinyLavt()
-    assert engine.load_model_and_bert(engine.load_checkpoint(str(tmp_path / 's3.pth')), fresh, None) == 'student_model'
+    assert load_model_and_bert(load_checkpoint(str(tmp_path / 's3.pth')), fresh, None) == 'student_model'
     assert torch.equal(fresh.classifier[0].weight, src_model.classifier[0].weight)
 
 
@@ -307,26 +315,26 @@ def test_other_architecture_names_first_mismatching_key():
     model = TinyLavt()
     state = TinyLavt(text_dim=24).state_dict()
     with pytest.raises(InputError, match=r"backbone\.text_proj\.weight.*\(8, 24\).*\(8, 16\)"):
-        engine.load_weights(model, state, 'ck.pth')
+        load_weights(model, state, 'ck.pth')
     state = dict(TinyLavt().state_dict())
     state['backbone.extra.weight'] = torch.zeros(2)
     with pytest.raises(InputError, match="unexpected key 'backbone.extra.weight'"):
-        engine.load_weights(model, state, 'ck.pth')
+        load_weights(model, state, 'ck.pth')
     state = dict(TinyLavt().state_dict())
     del state['classifier.0.bias']
     with pytest.raises(InputError, match="missing key 'classifier.0.bias'"):
-        engine.load_weights(model, state, 'ck.pth')
+        load_weights(model, state, 'ck.pth')
     with pytest.raises(InputError, match="no 'bert_model' entry"):
-        engine.load_model_and_bert({'model': TinyLavt().state_dict()}, TinyLavt(), tiny_bert(2))
+        load_model_and_bert({'model': TinyLavt().state_dict()}, TinyLavt(), tiny_bert(2))
 
 
 def test_checkpoint_schedule_of_names(tmp_path):
-    assert set(engine.checkpoint_paths('o', 'M', 9)) == {'last', 'best'}
-    assert engine.checkpoint_paths('o', 'M', 10)['epoch'].endswith('model_epoch_10.pth')
-    assert 'epoch' not in engine.checkpoint_paths('o', 'M', 12)
-    assert engine.checkpoint_paths('o', 'M', 15)['epoch'].endswith('model_epoch_15.pth')
+    assert set(checkpoint_paths('o', 'M', 9)) == {'last', 'best'}
+    assert checkpoint_paths('o', 'M', 10)['epoch'].endswith('model_epoch_10.pth')
+    assert 'epoch' not in checkpoint_paths('o', 'M', 12)
+    assert checkpoint_paths('o', 'M', 15)['epoch'].endswith('model_epoch_15.pth')
     state = {'x': torch.ones(1)}
-    engine.save_epoch_checkpoints(state, str(tmp_path), 'M', 15, is_best=True)
+    save_epoch_checkpoints(state, str(tmp_path), 'M', 15, is_best=True)
     assert sorted(os.listdir(tmp_path)) == ['model_best_M.pth', 'model_epoch_15.pth', 'model_last_M.pth']
 
 
@@ -347,10 +355,10 @@ def run_steps(model, bert, opt, sched, steps, start=0):
 def build_tiny_training(seed=0):
     torch.manual_seed(seed)
     model, bert = TinyLavt(), tiny_bert(2)
-    groups = engine.build_param_groups(model, bert)
-    engine.freeze_unoptimized({'model': model, 'bert': bert}, groups)
-    opt = engine.build_optimizer(groups, opt_args(lr=1e-2))
-    return model, bert, opt, engine.build_poly_scheduler(opt, 6)
+    groups = build_param_groups(model, bert)
+    freeze_unoptimized({'model': model, 'bert': bert}, groups)
+    opt = build_optimizer(groups, opt_args(lr=1e-2))
+    return model, bert, opt, build_poly_scheduler(opt, 6)
 
 
 def test_restore_training_state_continues_exactly(tmp_path):
@@ -363,13 +371,13 @@ def test_restore_training_state_continues_exactly(tmp_path):
     model, bert, opt, sched = build_tiny_training()
     run_steps(model, bert, opt, sched, 3)
     path = str(tmp_path / 'model_last.pth')
-    engine.save_checkpoint(engine.training_checkpoint(model, bert, opt, sched, 0, opt_args(), 12.5), path)
+    save_checkpoint(training_checkpoint(model, bert, opt, sched, 0, opt_args(), 12.5), path)
     torch.manual_seed(123), np.random.seed(1), random.seed(2)  # scramble: resume must restore the RNG
 
     model, bert, opt, sched = build_tiny_training(seed=99)
-    ck = engine.load_checkpoint(path)
-    engine.load_model_and_bert(ck, model, bert)
-    start_epoch, best = engine.restore_training_state(ck, opt, sched)
+    ck = load_checkpoint(path)
+    load_model_and_bert(ck, model, bert)
+    start_epoch, best = restore_training_state(ck, opt, sched)
     assert (start_epoch, best) == (1, 12.5) and sched.last_epoch == 3
     run_steps(model, bert, opt, sched, 3, start=3)
     for k, v in model.state_dict().items():
@@ -379,7 +387,7 @@ def test_restore_training_state_continues_exactly(tmp_path):
 def test_restore_requires_optimizer_entry():
     model, bert, opt, sched = build_tiny_training()
     with pytest.raises(InputError, match="no 'optimizer' entry"):
-        engine.restore_training_state({'model': {}, 'epoch': 3}, opt, sched)
+        restore_training_state({'model': {}, 'epoch': 3}, opt, sched)
 
 
 # --- loops --------------------------------------------------------------------------------------
@@ -413,9 +421,9 @@ def test_evaluate_every_sentence_and_overlays(tmp_path):
     def predict(batch):
         assert batch['input_ids'].shape == (1, 6)
         calls.append((int(batch['index']), batch['sentence']))
-        return engine.segment(model, None, batch['image'], batch['input_ids'], batch['attention_mask'])
+        return segment(model, None, batch['image'], batch['input_ids'], batch['attention_mask'])
 
-    vis = engine.OverlayWriter(str(tmp_path / 'vis'), 2)
+    vis = OverlayWriter(str(tmp_path / 'vis'), 2)
     meter = engine.evaluate(predict, ListLoader(items), torch.device('cpu'), on_prediction=vis)
     assert calls == [(0, 0), (1, 0), (1, 1), (2, 0), (2, 1), (2, 2)]
     assert meter.summary()['num_sentences'] == 6
@@ -446,5 +454,5 @@ def test_rng_state_roundtrip_through_checkpoint(tmp_path):
     a = (random.random(), float(np.random.rand()), torch.rand(()).item())
     path = str(tmp_path / 'rng.pth')
     torch.save({'rng': state}, path)
-    distributed.set_rng_state(engine.load_checkpoint(path)['rng'])
+    distributed.set_rng_state(load_checkpoint(path)['rng'])
     assert (random.random(), float(np.random.rand()), torch.rand(()).item()) == a

@@ -1,4 +1,4 @@
-"""lib/lrb.py on its own: the bank's fill against a per-sample loop, bank files (ours and the original's
+"""lib/training/lrb on its own: the bank's fill against a per-sample loop, bank files (ours and the original's
 format), the row-sparse gradient average against a dense all-reduce over 2 gloo processes, the EMA
 schedule and update, the stage-3 inner loop's isolation, and the bank-step plan against the batches a
 real DataLoader yields."""
@@ -11,8 +11,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lib import engine, lrb
-from lib.losses import build_criterion
+from lib.training.losses import build_criterion
+from lib.training.lrb.bank import ReferenceBank, build_bank_optimizer, sync_bank_grad_
+from lib.training.lrb.schedule import bank_step_plan, count_bank_steps, ema_momentum, ema_update_
+from lib.training.lrb.stages import Stage3Joint
+from lib.training.optim import build_poly_scheduler
 from test_engine import TinyLavt, make_batch, opt_args, tiny_bert
 from utils import InputError
 
@@ -42,7 +45,7 @@ def random_batch(g, b=9, length=20, dim=8, ids=range(100, 112)):
 @pytest.mark.parametrize('n_prompt', [20, 5])
 def test_fill_equals_per_sample_loop(n_prompt):
     g = torch.Generator().manual_seed(0)
-    bank = lrb.ReferenceBank(range(100, 108), n_prompt=n_prompt, dim=8)  # ids 108..111 are accurate
+    bank = ReferenceBank(range(100, 108), n_prompt=n_prompt, dim=8)  # ids 108..111 are accurate
     for _ in range(5):
         ref_ids, embeds, mask = random_batch(g)
         got_e, got_m = bank.fill(ref_ids, embeds, mask)
@@ -51,7 +54,7 @@ def test_fill_equals_per_sample_loop(n_prompt):
 
 
 def test_fill_changes_exactly_the_padding_slots_in_order():
-    bank = lrb.ReferenceBank([7, 9], n_prompt=4, dim=3)
+    bank = ReferenceBank([7, 9], n_prompt=4, dim=3)
     embeds = torch.randn(3, 6, 3)
     mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]])
     out, new_mask = bank.fill(torch.tensor([9, 5, 7]), embeds, mask)  # 5 is not in the bank
@@ -70,7 +73,7 @@ def test_fill_changes_exactly_the_padding_slots_in_order():
 
 
 def test_fill_detached_gives_no_gradient_to_the_bank():
-    bank = lrb.ReferenceBank([1], n_prompt=2, dim=3)
+    bank = ReferenceBank([1], n_prompt=2, dim=3)
     words = torch.randn(1, 4, 3, requires_grad=True)
     out, _ = bank.fill(torch.tensor([1]), words, torch.tensor([[1, 0, 0, 0]]), detach=True)
     out.sum().backward()
@@ -78,9 +81,9 @@ def test_fill_detached_gives_no_gradient_to_the_bank():
 
 
 def test_lookup_unknown_ids_and_empty_bank():
-    bank = lrb.ReferenceBank([30, 10, 20], n_prompt=2, dim=2)
+    bank = ReferenceBank([30, 10, 20], n_prompt=2, dim=2)
     assert bank.lookup(torch.tensor([20, 11, 30, 10, 5, 99])).tolist() == [2, -1, 0, 1, -1, -1]
-    empty = lrb.ReferenceBank([], n_prompt=2, dim=2)
+    empty = ReferenceBank([], n_prompt=2, dim=2)
     embeds, mask = torch.randn(2, 3, 2), torch.tensor([[1, 0, 0], [1, 1, 0]])
     out, new_mask = empty.fill(torch.tensor([1, 2]), embeds, mask)
     assert torch.equal(out, embeds) and torch.equal(new_mask, mask)
@@ -88,23 +91,23 @@ def test_lookup_unknown_ids_and_empty_bank():
 
 def test_bank_init_and_duplicate_ids():
     torch.manual_seed(0)
-    bank = lrb.ReferenceBank(range(2000), n_prompt=20, dim=16)
+    bank = ReferenceBank(range(2000), n_prompt=20, dim=16)
     assert bank.embedding.shape == (2000, 20, 16)
     assert abs(bank.embedding.std().item() - 0.02) < 1e-3 and abs(bank.embedding.mean().item()) < 1e-3
     with pytest.raises(InputError, match='duplicate'):
-        lrb.ReferenceBank([1, 2, 1])
+        ReferenceBank([1, 2, 1])
 
 
 # --- files ---------------------------------------------------------------------------------------------
 
 def test_bank_file_round_trip(tmp_path):
-    bank = lrb.ReferenceBank([5, 3, 8], n_prompt=4, dim=6)
+    bank = ReferenceBank([5, 3, 8], n_prompt=4, dim=6)
     path = tmp_path / 'caption_embeddings_x.pt'
     bank.save(path)
     assert not [p for p in os.listdir(tmp_path) if 'tmp' in p]
     raw = torch.load(path, weights_only=True)
     assert set(raw) == {'embedding', 'sample_id_to_index'} and raw['sample_id_to_index'] == {5: 0, 3: 1, 8: 2}
-    again = lrb.ReferenceBank.from_file(str(path))
+    again = ReferenceBank.from_file(str(path))
     assert again.ref_ids == [5, 3, 8] and torch.equal(again.embedding, bank.embedding)
 
 
@@ -113,7 +116,7 @@ def test_original_format_file_loads_with_its_own_row_order(tmp_path):
     order is rebuilt as the original's stage 3 does (row i of the new bank = key i's saved row)."""
     emb = torch.randn(3, 20, 8)
     torch.save({'embedding': emb, 'sample_id_to_index': {11: 2, 12: 0, 13: 1}}, tmp_path / 'orig.pt')
-    bank = lrb.ReferenceBank.from_file(str(tmp_path / 'orig.pt'))
+    bank = ReferenceBank.from_file(str(tmp_path / 'orig.pt'))
     assert bank.ref_ids == [11, 12, 13]
     for i, saved_row in enumerate([2, 0, 1]):
         assert torch.equal(bank.embedding[i], emb[saved_row])
@@ -124,17 +127,17 @@ def test_original_format_file_loads_with_its_own_row_order(tmp_path):
 
 def test_bank_file_errors(tmp_path):
     with pytest.raises(InputError, match='--caption_embedding_path .*nope.pt: file not found'):
-        lrb.ReferenceBank.from_file(str(tmp_path / 'nope.pt'))
+        ReferenceBank.from_file(str(tmp_path / 'nope.pt'))
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
     with pytest.raises(InputError, match='not a readable reference bank'):
-        lrb.ReferenceBank.from_file(str(tmp_path / 'junk.pt'))
+        ReferenceBank.from_file(str(tmp_path / 'junk.pt'))
     torch.save({'model': {}}, tmp_path / 'model.pt')
     with pytest.raises(InputError, match="not a reference bank .*has: model"):
-        lrb.ReferenceBank.from_file(str(tmp_path / 'model.pt'))
+        ReferenceBank.from_file(str(tmp_path / 'model.pt'))
     torch.save({'embedding': torch.zeros(2, 3, 4), 'sample_id_to_index': {1: 0, 2: 5}}, tmp_path / 'rows.pt')
     with pytest.raises(InputError, match='rows outside the 2-row embedding'):
-        lrb.ReferenceBank.from_file(str(tmp_path / 'rows.pt'))
-    bank = lrb.ReferenceBank([1], dim=8)
+        ReferenceBank.from_file(str(tmp_path / 'rows.pt'))
+    bank = ReferenceBank([1], dim=8)
     with pytest.raises(InputError, match='bank width 8 differs from the BERT width 16'):
         bank.check_dim(16, 'x')
 
@@ -152,7 +155,7 @@ def _sync_worker(rank, world, init_file, results):
         dense = grad.clone()
         dist.all_reduce(dense)
         dense /= world
-        lrb.sync_bank_grad_(grad, rows)
+        sync_bank_grad_(grad, rows)
         results[rank] = (grad, dense)
     finally:
         dist.destroy_process_group()
@@ -170,18 +173,18 @@ def test_row_sparse_gradient_average_equals_dense_all_reduce(tmp_path):
 
 def test_sync_is_identity_in_one_process():
     grad = torch.randn(4, 2, 2)
-    assert torch.equal(lrb.sync_bank_grad_(grad.clone(), torch.tensor([0, 2])), grad)
+    assert torch.equal(sync_bank_grad_(grad.clone(), torch.tensor([0, 2])), grad)
 
 
 # --- EMA ----------------------------------------------------------------------------------------------
 
 def test_ema_momentum_schedule():
-    assert lrb.ema_momentum(0, 0, 10) == pytest.approx(0.95)
-    assert lrb.ema_momentum(0, 5, 10) == pytest.approx(0.97)
-    assert lrb.ema_momentum(1, 0, 10) == pytest.approx(0.99)
-    assert lrb.ema_momentum(2, 0, 10) == pytest.approx(0.9945)
-    assert lrb.ema_momentum(2, 9, 10) == pytest.approx(0.99 + 0.009 * 1.9 / 2)
-    assert lrb.ema_momentum(3, 0, 10) == 0.9995 and lrb.ema_momentum(39, 7, 10) == 0.9995
+    assert ema_momentum(0, 0, 10) == pytest.approx(0.95)
+    assert ema_momentum(0, 5, 10) == pytest.approx(0.97)
+    assert ema_momentum(1, 0, 10) == pytest.approx(0.99)
+    assert ema_momentum(2, 0, 10) == pytest.approx(0.9945)
+    assert ema_momentum(2, 9, 10) == pytest.approx(0.99 + 0.009 * 1.9 / 2)
+    assert ema_momentum(3, 0, 10) == 0.9995 and ema_momentum(39, 7, 10) == 0.9995
 
 
 def test_ema_update_parameters_follow_formula_buffers_stay():
@@ -189,7 +192,7 @@ def test_ema_update_parameters_follow_formula_buffers_stay():
     student, teacher = TinyLavt(), TinyLavt()
     student.train()(torch.randn(2, 3, 8, 8), torch.randn(2, 16, 4), torch.ones(2, 4, 1))  # move BN stats
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    lrb.ema_update_(teacher, student, 0.97)
+    ema_update_(teacher, student, 0.97)
     params = dict(student.named_parameters())
     for name, p in teacher.named_parameters():
         assert torch.allclose(p, 0.97 * before[name] + 0.03 * params[name], atol=1e-7, rtol=0), name
@@ -206,14 +209,14 @@ def test_inner_loop_changes_only_the_bank():
     teacher = TinyLavt().eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    bank = lrb.ReferenceBank([100, 101], n_prompt=4, dim=16)
+    bank = ReferenceBank([100, 101], n_prompt=4, dim=16)
     batch = make_batch(b=3, seed=1)
     batch['ref_id'] = torch.tensor([100, 7, 101])
-    opt = lrb.build_bank_optimizer(bank, 1e-2, opt_args())
-    sched = engine.build_poly_scheduler(opt, 4)
-    joint = lrb.Stage3Joint(student, teacher, bert, bank, build_criterion(), opt, sched, inner_steps=2,
-                            update_every=1, is_weak=torch.ones(3, dtype=torch.bool), batch_size=3, world_size=1,
-                            seed=0, steps_per_epoch=1, amp=False)
+    opt = build_bank_optimizer(bank, 1e-2, opt_args())
+    sched = build_poly_scheduler(opt, 4)
+    joint = Stage3Joint(student, teacher, bert, bank, build_criterion(), opt, sched, inner_steps=2,
+                        update_every=1, is_weak=torch.ones(3, dtype=torch.bool), batch_size=3, world_size=1,
+                        seed=0, steps_per_epoch=1, amp=False)
     joint.plan = [True]
     snapshot = {f'{n}.{k}': v.clone() for n, m in (('student', student), ('bert', bert), ('teacher', teacher))
                 for k, v in m.state_dict().items()}
@@ -254,6 +257,6 @@ def test_bank_step_plan_matches_real_loader_batches(world, update_every):
             batches.append(list(DataLoader(Ids(n), batch_size=batch, sampler=sampler, drop_last=True)))
         want = [any(bool(is_weak[b[i]].any()) for b in batches) and i % update_every == 0
                 for i in range(len(batches[0]))]
-        assert lrb.bank_step_plan(is_weak, batch, world, seed, epoch, update_every) == want
-    total = lrb.count_bank_steps(is_weak, batch, world, seed, 3, update_every, inner_steps=2)
-    assert total == 2 * sum(sum(lrb.bank_step_plan(is_weak, batch, world, seed, e, update_every)) for e in range(3))
+        assert bank_step_plan(is_weak, batch, world, seed, epoch, update_every) == want
+    total = count_bank_steps(is_weak, batch, world, seed, 3, update_every, inner_steps=2)
+    assert total == 2 * sum(sum(bank_step_plan(is_weak, batch, world, seed, e, update_every)) for e in range(3))

@@ -7,7 +7,9 @@ import os
 import pytest
 import torch
 
-from lib import lrb
+from lib.model.build import build_model, checkpoint_window_size
+from lib.training.checkpoint import load_model_and_bert
+from lib.training.lrb.bank import ReferenceBank
 from test_train_cli import common_args, load_script, read_metrics, run
 
 EPS = 1e-6
@@ -227,9 +229,9 @@ def test_input_errors_are_one_line(pipeline, splits, small_bert_dir, tmp_path, o
     del partial['sample_id_to_index'][dropped]
     torch.save(partial, tmp_path / 'partial.pt')
     with pytest.raises(InputError, match=rf'no rows for 1 of the \d+ weak train refs of the data root \(e.g. ref '
-                                         rf'{dropped}\)'):
+                       rf'{dropped}\)'):
         stage3.main(all_args('--resume', s1, '--caption_embedding_path', tmp_path / 'partial.pt'))
-    lrb.ReferenceBank(partial['sample_id_to_index'].keys() | {dropped}, dim=8).save(tmp_path / 'narrow.pt')
+    ReferenceBank(partial['sample_id_to_index'].keys() | {dropped}, dim=8).save(tmp_path / 'narrow.pt')
     with pytest.raises(InputError, match='bank width 8 differs from the BERT width 32'):
         stage3.main(all_args('--resume', s1, '--caption_embedding_path', tmp_path / 'narrow.pt'))
     with pytest.raises(InputError, match='--caption_embedding_path: give the stage-2 bank'):
@@ -253,7 +255,7 @@ def test_input_errors_are_one_line(pipeline, splits, small_bert_dir, tmp_path, o
     for script, root, out, extra in ((stage2, splits['mask'], pipeline['s2'], ()),
                                      (stage3, splits['all'], pipeline['s3'], ('--caption_embedding_path', bank_file))):
         with pytest.raises(InputError, match=r'holds .* of a finished run; pass --resume .*model_last_lrb.pth to '
-                                             r'continue it or --overwrite to replace it'):
+                           r'continue it or --overwrite to replace it'):
             script.main(stage_args(root, small_bert_dir, out, 1, '--resume', s1, *extra))
     with pytest.raises(InputError, match='--resume: give the stage-1 checkpoint'):
         stage2.main(stage_args(splits['mask'], small_bert_dir, tmp_path / 'o', 1))
@@ -271,14 +273,13 @@ def test_window_size_follows_the_checkpoint(small_bert_dir, demo_root):
     """A window-12 stage-1 checkpoint (Swin weights *window12*.pth) loads in the stage scripts and test.py
     without --window12, as in the original, whose stage scripts took the window from the weights' name."""
     import argparse
-    from lib import engine
     import utils
     args = utils.get_parser().parse_args(common_args(demo_root, small_bert_dir) + ['--window12'])
-    model, _ = engine.build_model(args, pretrained='')
+    model, _ = build_model(args, pretrained='')
     checkpoint = {'model': model.state_dict()}
-    assert engine.checkpoint_window_size(checkpoint) == 12
+    assert checkpoint_window_size(checkpoint) == 12
     plain = argparse.Namespace(**{**vars(args), 'window12': False})
-    rebuilt, bert = engine.build_model(plain, pretrained='', checkpoint=checkpoint)
-    engine.load_model_and_bert({'model': checkpoint['model'], 'bert_model': bert.state_dict()}, rebuilt, bert)
-    window7, _ = engine.build_model(plain, pretrained='')
-    assert engine.checkpoint_window_size({'model': window7.state_dict()}) == 7
+    rebuilt, bert = build_model(plain, pretrained='', checkpoint=checkpoint)
+    load_model_and_bert({'model': checkpoint['model'], 'bert_model': bert.state_dict()}, rebuilt, bert)
+    window7, _ = build_model(plain, pretrained='')
+    assert checkpoint_window_size({'model': window7.state_dict()}) == 7

@@ -11,11 +11,11 @@ import torch
 from timm.layers import resize_rel_pos_bias_table_simple
 
 import utils
-from lib.backbone import SWIN_PRESETS, WindowAttention, shifted_window_mask
-from lib.cross_scale import CIM, token_counts
-from lib.decoder import AdaptiveRotatedConv2d, RoutingFunction, rotation_matrix_3x3
-from lib.pretrained import load_reference_state_dict
-from lib.segmentation import LAVT, LAVTOne, lavt, lavt_one
+from lib.model.backbone import SWIN_PRESETS, WindowAttention, shifted_window_mask
+from lib.model.cross_scale import CIM, token_counts
+from lib.model.decoder import AdaptiveRotatedConv2d, RoutingFunction, rotation_matrix_3x3
+from lib.model.pretrained import load_reference_state_dict
+from lib.model.segmentation import LAVT, LAVTOne, lavt, lavt_one
 
 TEXT_DIM = 32
 MANIFEST = Path(__file__).parent / 'data' / 'rmsin_base480_state_dict.json'
@@ -297,7 +297,7 @@ def test_shifted_window_attention_matches_the_explicit_formula():
 
 
 def test_msda_cross_scale_option():
-    pytest.importorskip('lib.cross_scale_msda')
+    pytest.importorskip('lib.model.cross_scale_msda')
     model = build(0, '--cross_scale', 'msda')
     assert type(model.backbone.cim).__name__ == 'MSDACrossScale'
     l_feats, l_mask = text()

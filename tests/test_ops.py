@@ -242,7 +242,7 @@ CHANNELS = [16, 32, 48, 64]
 
 
 def make_cross_scale():
-    from lib.cross_scale_msda import MSDACrossScale
+    from lib.model.cross_scale_msda import MSDACrossScale
     torch.manual_seed(0)
     return MSDACrossScale(CHANNELS, d_model=32, num_layers=2, n_heads=4, n_points=2)
 

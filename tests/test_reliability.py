@@ -35,6 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import utils  # noqa: E402
+from lib import files  # noqa: E402
+from lib.training import checkpoint  # noqa: E402
 from refer import check  # noqa: E402
 from refer.refer import load_refs  # noqa: E402
 
@@ -203,21 +205,20 @@ def test_overwrite_replaces_the_run_and_its_logs(trained, demo_root, small_bert_
 
 
 def test_guard_run_dir_protects_every_file_the_run_would_write(tmp_path):
-    from lib import engine
-    names = engine.run_file_names('a', 40)
+    names = checkpoint.run_file_names('a', 40)
     assert names[:2] == ['model_last_a.pth', 'model_best_a.pth'] and 'model_epoch_35.pth' in names
-    assert 'model_epoch_15.pth' not in engine.run_file_names('a', 12)
+    assert 'model_epoch_15.pth' not in checkpoint.run_file_names('a', 12)
     (tmp_path / 'model_epoch_10.pth').write_bytes(b'another run')  # epoch files carry no model id
     with pytest.raises(utils.InputError, match='holds model_epoch_10.pth of a finished run'):
-        utils.guard_run_dir(tmp_path, engine.run_file_names('b', 40))
-    utils.guard_run_dir(tmp_path, engine.run_file_names('b', 10))       # stops before epoch 10: fine
-    utils.guard_run_dir(tmp_path, names, resume=str(tmp_path / 'x.pth'))  # the user asked to continue
-    utils.guard_run_dir(tmp_path, names, overwrite=True)
+        files.guard_run_dir(tmp_path, checkpoint.run_file_names('b', 40))
+    files.guard_run_dir(tmp_path, checkpoint.run_file_names('b', 10))       # stops before epoch 10: fine
+    files.guard_run_dir(tmp_path, names, resume=str(tmp_path / 'x.pth'))  # the user asked to continue
+    files.guard_run_dir(tmp_path, names, overwrite=True)
     with pytest.raises(utils.InputError) as refused:  # a stage script, whose --resume is its teacher
-        utils.guard_run_dir(tmp_path, engine.run_file_names('b', 40), resume_flag=None)
+        files.guard_run_dir(tmp_path, checkpoint.run_file_names('b', 40), resume_flag=None)
     assert 'pass --overwrite to replace it' in str(refused.value) and '--resume' not in str(refused.value)
     assert sorted(os.listdir(tmp_path)) == ['model_epoch_10.pth']        # the guard creates nothing
-    utils.guard_run_dir(tmp_path / 'new' / 'deeper', names)
+    files.guard_run_dir(tmp_path / 'new' / 'deeper', names)
     assert not (tmp_path / 'new').exists()
 
 
@@ -536,13 +537,13 @@ def test_flag_values_are_checked_first(demo_root, small_bert_dir, tmp_path, flag
 # 7. leftovers
 
 
-OTHER_HOST = 'ffffff' if utils._HOST_TAG != 'ffffff' else '000000'
+OTHER_HOST = 'ffffff' if files._HOST_TAG != 'ffffff' else '000000'
 
 
 def _kill_during_write(path):
     """What a kill -9 in the middle of a checkpoint write leaves behind."""
-    code = ('import os, signal, sys; sys.path.insert(0, sys.argv[1]); import utils\n'
-            'with utils.atomic_file(sys.argv[2]) as tmp:\n'
+    code = ('import os, signal, sys; sys.path.insert(0, sys.argv[1]); from lib import files\n'
+            'with files.atomic_file(sys.argv[2]) as tmp:\n'
             '    open(tmp, "wb").write(b"partial" * 1000)\n'
             '    os.kill(os.getpid(), signal.SIGKILL)\n')
     proc = subprocess.run([sys.executable, '-c', code, str(REPO), str(path)], timeout=60)
@@ -555,7 +556,7 @@ def test_a_killed_checkpoint_write_is_cleaned_on_the_next_start(trained, demo_ro
     _kill_during_write(out / 'model_last_demo.pth')
     (leftover,) = [n for n in os.listdir(out) if n.startswith('.model_last_demo.pth.tmp')]
     dead_pid = leftover.split('.tmp')[1].split('-')[0]
-    keep = ['.notes', f'.model_best_demo.pth.tmp{os.getpid()}-{utils._HOST_TAG}.pth',  # a live process's
+    keep = ['.notes', f'.model_best_demo.pth.tmp{os.getpid()}-{files._HOST_TAG}.pth',  # a live process's
             f'.model_best_demo.pth.tmp{dead_pid}-{OTHER_HOST}.pth',  # another machine's (shared folder)
             '.model_best_demo.pth.tmp_unrelated']
     for name in keep:
@@ -593,7 +594,7 @@ def test_a_killed_split_build_is_cleaned_on_the_next_start(rrsisd_refs_root, tmp
 def test_stale_temporaries_only_ours_and_only_dead(tmp_path):
     dead = subprocess.Popen([sys.executable, '-c', 'pass'])
     dead.wait()
-    host = utils._HOST_TAG
+    host = files._HOST_TAG
     ours_dead = [f'.model_last_x.pth.tmp{dead.pid}-{host}.pth', f'.model_last_x.pth.tmp{dead.pid}.pth',
                  f'.lrb-probe-{dead.pid}-{host}-abc123']
     not_ours = [f'.model_last_x.pth.tmp{os.getpid()}-{host}.pth', '.model_last_x.pth.tmpXYZ.pth',
@@ -604,7 +605,7 @@ def test_stale_temporaries_only_ours_and_only_dead(tmp_path):
     (tmp_path / f'.out.tmp-{dead.pid}-{host}-k2j3h4').mkdir()          # a killed atomic_output_dir
     (tmp_path / f'.gone.old-{dead.pid}-{host}').mkdir()                # killed between its two renames
     (tmp_path / f'.gone.old-{dead.pid}-{host}' / 'data.txt').write_text('previous output')
-    removed = utils.remove_stale_temporaries(tmp_path)
+    removed = files.remove_stale_temporaries(tmp_path)
     assert sorted(removed) == sorted(ours_dead + [f'.out.tmp-{dead.pid}-{host}-k2j3h4'])
     assert sorted(os.listdir(tmp_path)) == sorted(not_ours + ['gone'])
     assert (tmp_path / 'gone' / 'data.txt').read_text() == 'previous output'  # put back, not deleted

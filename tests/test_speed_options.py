@@ -15,9 +15,15 @@ import torch
 import torch.nn as nn
 
 import utils
-from lib import distributed, engine
-from lib.backbone import MMBasicLayer
-from lib.losses import build_criterion
+from lib.model.backbone import MMBasicLayer
+from lib.model.build import build_model
+from lib.training import distributed, engine
+from lib.training.checkpoint import load_weights
+from lib.training.launch import check_compile_backend
+from lib.training.losses import build_criterion
+from lib.training.lrb.bank import N_PROMPT, ReferenceBank, filled_text_features
+from lib.training.optim import build_optimizer, build_param_groups, build_poly_scheduler, freeze_unoptimized
+from lib.training.wrap import apply_speed_options, wrap_for_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device('cpu')
@@ -46,19 +52,19 @@ def build(bert_dir, *flags, wrap=None):
     """Model, BERT and optimizer as train.py builds them (same seed -> same weights)."""
     args = make_args(bert_dir, *flags)
     torch.manual_seed(0)
-    model, bert = engine.build_model(args)
-    groups = engine.build_param_groups(model, bert)
-    engine.freeze_unoptimized({'model': model, 'bert': bert}, groups)
+    model, bert = build_model(args)
+    groups = build_param_groups(model, bert)
+    freeze_unoptimized({'model': model, 'bert': bert}, groups)
     train_model = wrap(model) if wrap else model
-    optimizer = engine.build_optimizer(groups, args)
+    optimizer = build_optimizer(groups, args)
     return args, model, bert, train_model, optimizer
 
 
 def one_step(bert_dir, *flags, wrap=None):
     """-> (loss, {name: grad}, {name: parameter after the step}, model, optimizer)."""
     args, model, bert, train_model, optimizer = build(bert_dir, *flags, wrap=wrap)
-    scheduler = engine.build_poly_scheduler(optimizer, 10)
-    step = engine.supervised_step(engine.apply_speed_options(train_model, args), engine.apply_speed_options(bert, args),
+    scheduler = build_poly_scheduler(optimizer, 10)
+    step = engine.supervised_step(apply_speed_options(train_model, args), apply_speed_options(bert, args),
                                   build_criterion())
     model.train()
     bert.eval()
@@ -100,7 +106,7 @@ def test_options_are_off_by_default(small_bert_dir, baseline):
     assert not any(m.use_checkpoint for m in model.modules() if isinstance(m, MMBasicLayer))
     assert not model.classifier.channels_last
     assert not optimizer.param_groups[0]['fused']
-    assert engine.apply_speed_options(model, args) is model
+    assert apply_speed_options(model, args) is model
     assert make_args(small_bert_dir, '--compile').compile == 'inductor'
 
 
@@ -120,7 +126,6 @@ def test_checkpoint_activations_gives_the_same_step(small_bert_dir, baseline):
 def test_checkpoint_activations_gives_the_same_bank_gradient(small_bert_dir):
     """The LRB stages differentiate a frozen teacher with respect to the bank (stage 3 through
     torch.autograd.grad): with checkpointing, the same gradient and the same BatchNorm statistics."""
-    from lib import lrb
     results = []
     for flags in ((), ('--checkpoint_activations',)):
         _, model, bert, _, _ = build(small_bert_dir, *flags)
@@ -129,10 +134,10 @@ def test_checkpoint_activations_gives_the_same_bank_gradient(small_bert_dir):
         model.train()
         bert.eval()
         torch.manual_seed(2)
-        bank = lrb.ReferenceBank([5, 6], lrb.N_PROMPT, bert.config.hidden_size)
+        bank = ReferenceBank([5, 6], N_PROMPT, bert.config.hidden_size)
         batch = dict(make_batch(bert.config.vocab_size), ref_id=torch.tensor([5, 6]))
         torch.manual_seed(1)  # the same drop-path draws
-        l_feats, l_mask = lrb.filled_text_features(bert, bank, batch)
+        l_feats, l_mask = filled_text_features(bert, bank, batch)
         loss = build_criterion()(model(batch['image'], l_feats, l_mask), batch['target'])
         grad = torch.autograd.grad(loss, bank.embedding)[0]
         results.append((grad, {k: v.clone() for k, v in model.state_dict().items() if 'running_' in k}))
@@ -151,7 +156,7 @@ def test_channels_last_gives_the_same_step(small_bert_dir, baseline):
     assert_grads_close(grads, ref_grads, rtol=1e-4)
     # checkpoints move between the two layouts
     _, plain, _, _, _ = build(small_bert_dir)
-    engine.load_weights(plain, model.state_dict())
+    load_weights(plain, model.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values()))
 
 
@@ -213,7 +218,7 @@ def test_compile_under_ddp_gives_the_same_loss(small_bert_dir, baseline):
     try:
         env = distributed.DistEnv(True, 0, 1, 0, CPU)
         loss, grads, _, _, _ = one_step(small_bert_dir, '--compile', 'eager',
-                                        wrap=lambda m: engine.wrap_for_distributed(m, env))
+                                        wrap=lambda m: wrap_for_distributed(m, env))
     finally:
         dist.destroy_process_group()
     ref_loss, ref_grads = baseline[:2]
@@ -223,7 +228,7 @@ def test_compile_under_ddp_gives_the_same_loss(small_bert_dir, baseline):
 
 def test_unknown_compile_backend_is_one_line(small_bert_dir):
     with pytest.raises(utils.InputError, match='--compile nosuch: unknown torch.compile backend'):
-        engine.check_compile_backend(make_args(small_bert_dir, '--compile', 'nosuch'))
+        check_compile_backend(make_args(small_bert_dir, '--compile', 'nosuch'))
 
 
 # ----------------------------------------------------------------------------------------------------------

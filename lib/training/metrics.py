@@ -11,7 +11,7 @@ so the numbers are bit-identical whether one or K processes evaluated the split.
 import numpy as np
 import torch
 
-from lib import distributed
+from . import distributed
 
 PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 

@@ -1,0 +1,183 @@
+"""The training and evaluation loops shared by every training script and test.py.
+
+- `train_one_epoch(step_fn, ...)`: one pass; step_fn(batch) -> loss, backward, optimizer and schedule;
+  hooks where the LRB stages plug in.
+- `evaluate(predict, ...)`: every sentence of every ref -> the metrics, reduced over processes.
+- `fit(...)`: epochs of train + evaluate + save; a stage script hands in its own step, predict and save.
+
+Epochs are numbered from 0 and the checkpoint's `epoch` is the last finished one (reference layout).
+"""
+import contextlib
+import datetime
+import logging
+import time
+
+import torch
+from tqdm import tqdm
+
+from lib.model.build import segment
+
+from . import distributed
+from .metrics import RefSegMeter, format_results, tensor_keys
+
+logger = logging.getLogger('lrb')
+
+
+HOST_KEYS = ('ref_id', 'index')  # ids stay on the host: lookups on them need no device sync
+
+
+def to_device(batch, device):
+    non_blocking = device.type == 'cuda'
+    return {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) and k not in HOST_KEYS
+                else v) for k, v in batch.items()}
+
+
+def autocast(device, enabled):
+    """bf16 autocast on GPU; a no-op elsewhere."""
+    if enabled and device.type == 'cuda':
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def supervised_step(model, bert, criterion):
+    """The stage-1 step: batch -> loss."""
+    def step(batch):
+        logits = segment(model, bert, batch['image'], batch['input_ids'], batch['attention_mask'])
+        return criterion(logits, batch['target'])
+    return step
+
+
+def _progress(iterable, desc, total=None):
+    # bars only on rank 0 and only on a terminal (disable=None), so logs stay readable
+    return tqdm(iterable, desc=desc, total=total, dynamic_ncols=True, leave=False,
+                disable=None if distributed.is_main_process() else True)
+
+
+def train_one_epoch(step_fn, loader, optimizer, lr_scheduler, epoch, *, device, print_freq=10,
+                    amp=False, before_step=None, after_backward=None, after_step=None, writer=None,
+                    global_step=0):
+    """One pass over `loader`: step_fn(batch) -> loss; backward; optimizer and per-iteration schedule.
+
+    Hooks (the LRB stages plug in here; stage 1 uses none):
+      before_step(i, batch)   before the forward, e.g. the reference bank's inner loop in stage 3
+      after_backward(i, batch) between backward and optimizer step, e.g. syncing the bank's gradient
+      after_step(i, batch)    after the optimizer step, e.g. the EMA teacher update
+    Modes (train/eval) of the modules are the caller's business. Returns the mean loss.
+    No host synchronisation per iteration: the loss is read back only every `print_freq` steps.
+    """
+    num_iters = len(loader)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    window_sum = torch.zeros((), dtype=torch.float64, device=device)
+    window_n = 0
+    start = time.time()
+    optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(_progress(loader, f'Epoch {epoch}', num_iters)):
+        batch = to_device(batch, device)
+        if before_step is not None:
+            before_step(i, batch)
+        with autocast(device, amp):
+            loss = step_fn(batch)
+        loss.backward()
+        if after_backward is not None:
+            after_backward(i, batch)
+        optimizer.step()
+        # freed here rather than before backward: the next forward then runs without them (peak memory)
+        optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+        if after_step is not None:
+            after_step(i, batch)
+        loss_sum += loss.detach()
+        window_sum += loss.detach()
+        window_n += 1
+        if (i + 1) % max(1, print_freq) == 0 or i + 1 == num_iters:
+            lr = optimizer.param_groups[0]['lr']
+            avg = window_sum.item() / window_n
+            elapsed = time.time() - start
+            eta = elapsed / (i + 1) * (num_iters - i - 1)
+            logger.info(f'Epoch: [{epoch}] [{i + 1}/{num_iters}] loss: {avg:.4f} lr: {lr:.3e} '
+                        f'time/it: {elapsed / (i + 1):.3f}s eta: {datetime.timedelta(seconds=int(eta))}')
+            if writer is not None:
+                writer.add_scalar('train/loss', avg, global_step + i + 1)
+                writer.add_scalar('train/lr', lr, global_step + i + 1)
+            window_sum.zero_()
+            window_n = 0
+    if num_iters == 0:
+        return float('nan')
+    return loss_sum.item() / num_iters
+
+
+def predict_fn(model, bert, amp=False):
+    """Evaluation forward: sentence batch -> logits."""
+    def predict(batch):
+        with autocast(batch['image'].device, amp):
+            return segment(model, bert, batch['image'], batch['input_ids'], batch['attention_mask'])
+    return predict
+
+
+@torch.no_grad()
+def evaluate(predict, loader, device, *, desc='Test', on_prediction=None):
+    """Every sentence of every item: input_ids [B, K, N] (eval datasets) or [B, N] (one sentence).
+
+    predict(batch) gets the batch with input_ids / attention_mask [B, N] of one sentence (and
+    'sentence': its number, 'is_weak' narrowed to it) and returns logits [B, 2, H, W].
+    on_prediction(batch, logits) sees each prediction (visualisation). Returns the meter reduced over
+    all ranks (a collective: every rank must call it).
+    """
+    meter = RefSegMeter()
+    for batch in _progress(loader, desc):
+        batch = to_device(batch, device)
+        ids, mask = batch['input_ids'], batch['attention_mask']
+        if ids.dim() == 2:
+            ids, mask = ids[:, None], mask[:, None]  # [B, 1, N]
+        weak = batch.get('is_weak')
+        index = batch.get('index', batch.get('ref_id'))
+        for j in range(ids.shape[1]):
+            sub = dict(batch, input_ids=ids[:, j], attention_mask=mask[:, j], sentence=j)
+            if isinstance(weak, torch.Tensor) and weak.dim() == 2:
+                sub['is_weak'] = weak[:, j]
+            logits = predict(sub).float()
+            meter.update(logits, batch['target'], tensor_keys(index, j))
+            if on_prediction is not None:
+                on_prediction(sub, logits)
+    return meter.reduce()
+
+
+def fit(*, train_step, predict, train_loader, val_loader, optimizer, lr_scheduler, start_epoch, epochs,
+        device, save, best=None, print_freq=10, amp=False, writer=None, set_modes=None,
+        on_epoch_start=None, before_step=None, after_backward=None, after_step=None, val_desc='Val'):
+    """Epoch loop shared by the training scripts: train, evaluate, save.
+
+    best: {metric: best value so far} of the validation metrics to track (default {'oIoU': -0.1}).
+    save(epoch, summary, improved, best) runs on every rank after validation (`improved`: the tracked
+    metrics that improved this epoch); set_modes(training) puts the modules in train mode before each
+    epoch and in eval mode before validation; on_epoch_start(epoch) runs before each epoch's first step;
+    before_step / after_backward / after_step go to `train_one_epoch`. Returns the updated `best`.
+    """
+    best = dict(best or {'oIoU': -0.1})
+    steps_per_epoch = len(train_loader)
+    for epoch in range(start_epoch, epochs):
+        if hasattr(train_loader.sampler, 'set_epoch'):
+            train_loader.sampler.set_epoch(epoch)
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+        if set_modes is not None:
+            set_modes(True)
+        t0 = time.time()
+        loss = train_one_epoch(train_step, train_loader, optimizer, lr_scheduler, epoch, device=device,
+                               print_freq=print_freq, amp=amp, before_step=before_step,
+                               after_backward=after_backward, after_step=after_step, writer=writer,
+                               global_step=epoch * steps_per_epoch)
+        if set_modes is not None:
+            set_modes(False)
+        summary = evaluate(predict, val_loader, device, desc=f'{val_desc} {epoch}').summary()
+        improved = {k for k in best if summary[k] > best[k]}
+        best.update({k: summary[k] for k in improved})
+        logger.info(f'Epoch {epoch}: train loss {loss:.4f}, {time.time() - t0:.0f}s ({val_desc.lower()})\n'
+                    f'{format_results(summary)}')
+        if writer is not None:
+            writer.add_scalar('val/oIoU', summary['oIoU'], epoch)
+            writer.add_scalar('val/mIoU', summary['mIoU'], epoch)
+            writer.add_scalar('train/epoch_loss', loss, epoch)
+            writer.flush()
+        save(epoch, summary, improved, best)
+    return best

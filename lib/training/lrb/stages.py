@@ -1,0 +1,148 @@
+"""LRB-WREL stages 2 and 3: the step functions and hooks the stage scripts hand to `engine.fit`, and what
+the two scripts share before their first step (flag checks, --resume as teacher or continuation, the
+run-folder guard).
+
+- `Stage2Bank`: only the bank learns, through the frozen teacher.
+- `Stage3Joint`: the bank's inner loop through the EMA teacher, the student's step, the EMA update.
+"""
+import torch
+
+from lib.files import guard_run_dir
+from utils import InputError, unwrap_module as unwrap
+
+from ..checkpoint import load_checkpoint
+from ..engine import autocast
+from ..launch import start_run, validate_training_args
+from .bank import filled_text_features, sync_bank_grad_
+from .schedule import bank_step_plan, ema_momentum, ema_update_
+
+
+def stage_file_names(stage, model_id):
+    """What a stage writes in --output-dir (what a new run must not replace silently)."""
+    names = [f'model_last_{model_id}.pth']
+    if stage == 2:
+        return names + [f'caption_embeddings_{model_id}.pt']
+    for metric in ('oIoU', 'mIoU'):
+        names += [f'model_best_{metric}_{model_id}.pth', f'caption_embeddings_{model_id}_{metric}_best.pt']
+    return names
+
+
+def guard_stage_run(args, stage, resuming):
+    """The run-folder guard of utils for a stage script, once --resume's content says whether it continues
+    a run of this stage (then --resume is a continuation) or names the teacher (then it is not)."""
+    guard_run_dir(args.output_dir, stage_file_names(stage, args.model_id),
+                  resume=args.resume if resuming else '', overwrite=args.overwrite,
+                  resume_hint=f'model_last_{args.model_id}.pth')
+
+
+def checkpoint_stage(checkpoint):
+    """2 or 3 for this codebase's stage-2 / stage-3 training checkpoints (resumable), else None."""
+    return checkpoint.get('lrb_stage') if isinstance(checkpoint, dict) else None
+
+
+def check_lavt(args):
+    if args.model != 'lavt':
+        raise InputError(f'--model {args.model}: the reference bank fills the separate BERT\'s input, so the LRB '
+                         f'stages need --model lavt (as the original)')
+
+
+def validate_stage_args(args, stage):
+    """Flag checks of a stage script (before any process group) -> per-process batch size."""
+    batch_size = validate_training_args(args)
+    if not args.resume:
+        starts = 'the teacher' if stage == 2 else 'student and teacher start from it'
+        raise InputError(f'--resume: give the stage-1 checkpoint ({starts}, e.g. model_epoch_15.pth) or a '
+                         f'stage-{stage} model_last_<id>.pth to continue')
+    check_lavt(args)
+    return batch_size
+
+
+def open_stage_run(args, env, batch_size, stage):
+    """Logging and seeding, --resume loaded, the run folder guarded -> (checkpoint, resuming: --resume is a
+    checkpoint of this stage to continue, not the stage-1 teacher)."""
+    start_run(args, env, batch_size)
+    checkpoint = load_checkpoint(args.resume, trust=args.trust_checkpoint)
+    resuming = checkpoint_stage(checkpoint) == stage
+    guard_stage_run(args, stage, resuming)
+    return checkpoint, resuming
+
+
+def bank_predict_fn(model, bert, bank, amp=False):
+    """Evaluation forward with the bank filling the weak samples (stage 2's selection metric)."""
+    def predict(batch):
+        with autocast(batch['image'].device, amp):
+            l_feats, l_mask = filled_text_features(bert, bank, batch)
+            return model(batch['image'], l_feats, l_mask)
+    return predict
+
+
+class Stage2Bank:
+    """Stage 2: only the bank learns, through a frozen teacher (RMSIN + BERT)."""
+
+    def __init__(self, model, bert, bank, criterion):
+        self.model, self.bert, self.bank, self.criterion = model, bert, bank, criterion
+
+    def step(self, batch):
+        l_feats, l_mask = filled_text_features(self.bert, self.bank, batch)
+        return self.criterion(self.model(batch['image'], l_feats, l_mask), batch['target'])
+
+    def after_backward(self, i, batch):
+        sync_bank_grad_(self.bank.embedding.grad, self.bank.lookup(batch['ref_id']))
+
+
+class Stage3Joint:
+    """Stage 3: per iteration, the bank's inner loop through the frozen EMA teacher (on the batch's weak
+    samples, at the planned iterations), then the student's step on the whole batch with weak rows
+    filled from the bank (no gradient to it), then the teacher's EMA update."""
+
+    def __init__(self, student, teacher, bert, bank, criterion, bank_optimizer, bank_scheduler, *, inner_steps,
+                 update_every, is_weak, batch_size, world_size, seed, steps_per_epoch, amp=False):
+        self.student, self.teacher, self.bert, self.bank = student, teacher, bert, bank
+        self.criterion = criterion
+        self.bank_optimizer, self.bank_scheduler = bank_optimizer, bank_scheduler
+        self.inner_steps, self.update_every = inner_steps, update_every
+        self.is_weak, self.batch_size, self.world_size, self.seed = is_weak, batch_size, world_size, seed
+        self.steps_per_epoch, self.amp = steps_per_epoch, amp
+        self.epoch, self.plan = 0, []
+        self.bank_steps_taken = 0  # this run's bank optimizer steps (tests compare it with the count)
+
+    def on_epoch_start(self, epoch):
+        self.epoch = epoch
+        self.plan = bank_step_plan(self.is_weak, self.batch_size, self.world_size, self.seed, epoch,
+                                   self.update_every)
+
+    def bank_grad(self, batch, rows):
+        """d(loss)/d(bank) on the batch's weak samples through the teacher; touches no other gradient."""
+        weak = (rows >= 0).nonzero().squeeze(1)  # host tensors: no device sync
+        if len(weak) == 0:  # another process has weak samples: take the step with a zero gradient
+            return torch.zeros_like(self.bank.embedding)
+        index = weak.to(batch['image'].device, non_blocking=True)
+        sub = {'ref_id': batch['ref_id'][weak], 'input_ids': batch['input_ids'].index_select(0, index),
+               'attention_mask': batch['attention_mask'].index_select(0, index)}
+        with autocast(batch['image'].device, self.amp):
+            l_feats, l_mask = filled_text_features(unwrap(self.bert), self.bank, sub, rows=rows[weak])
+            logits = self.teacher(batch['image'].index_select(0, index), l_feats, l_mask)
+        loss = self.criterion(logits, batch['target'].index_select(0, index))
+        # only the bank's gradient: BERT's and the student's .grad stay untouched (no leak into their step)
+        return torch.autograd.grad(loss, self.bank.embedding)[0]
+
+    def before_step(self, i, batch):
+        local_rows = self.bank.lookup(batch['ref_id'])
+        if self.world_size == 1 and self.plan[i] != (bool((local_rows >= 0).any()) and i % self.update_every == 0):
+            raise RuntimeError(f'bank step plan disagrees with batch {i} of epoch {self.epoch}')
+        if not self.plan[i]:
+            return
+        for _ in range(self.inner_steps):
+            grad = sync_bank_grad_(self.bank_grad(batch, local_rows), local_rows)
+            self.bank.embedding.grad = grad
+            self.bank_optimizer.step()
+            self.bank_scheduler.step()
+            self.bank_optimizer.zero_grad(set_to_none=True)
+            self.bank_steps_taken += 1
+
+    def step(self, batch):
+        l_feats, l_mask = filled_text_features(self.bert, self.bank, batch, detach=True)
+        return self.criterion(self.student(batch['image'], l_feats, l_mask), batch['target'])
+
+    def after_step(self, i, batch):
+        ema_update_(self.teacher, self.student, ema_momentum(self.epoch, i, self.steps_per_epoch))
