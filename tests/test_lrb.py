@@ -16,7 +16,7 @@ from lib.training.lrb.bank import ReferenceBank, build_bank_optimizer, sync_bank
 from lib.training.lrb.schedule import bank_step_plan, count_bank_steps, ema_momentum, ema_update_
 from lib.training.lrb.stages import Stage3Joint
 from lib.training.optim import build_poly_scheduler
-from test_engine import TinyLavt, make_batch, opt_args, tiny_bert
+from stand_ins import TinyLavt, make_batch, opt_args, tiny_bert
 from utils import InputError
 
 
