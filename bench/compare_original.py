@@ -22,7 +22,7 @@ same CPU-resident batch, which each loop moves to the device itself. Variants (`
                     pin_mem (pinned host batch), cudnn_benchmark (no flag yet: cudnn.benchmark while it runs),
                     ddp (DDP in a 1-process group, as train.py under torchrun: the paper's 4-GPU setting),
                     cudagraphs (with compile: torch.compile's mode='reduce-overhead', CUDA graphs; an
-                    experiment, no flag yet: the step is bound by the host on an H100, see the README)
+                    experiment, no flag yet: the step is bound by the host on an H100, see docs/benchmarks.md)
 Timing: warm-up (compiles happen there), then --rounds rounds that each run every variant for --iters
 iterations in turn, so drift on a shared machine hits all alike; the median round is reported. Compiled
 variants are timed afterwards, alternating with their eager twin: the compiler leaves a large heap, which

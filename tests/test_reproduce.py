@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from lib.pipeline import config, runner
+from lib.pipeline.main import main as reproduce_main
+from lib.pipeline.plan import Plan
+
 REPO = Path(__file__).resolve().parents[1]
 SHARES = ('10', '50')
 METHOD_LABELS = ('Only Accurate', 'Naive-WREL', 'LRB-WREL')
@@ -185,15 +189,6 @@ def test_fresh_redoes_finished_steps(failing):
 
 # --- bad input: one line, before anything is written --------------------------------------------------------
 
-@pytest.fixture
-def reproduce():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('_reproduce', REPO / 'reproduce.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize('change,message', [
     ({'--refer_data_root': '/nonexistent/data'}, '--refer_data_root /nonexistent/data: no such directory'),
     ({'--ratios': '0'}, '--ratios 0: an accurate share must be within 1-99 percent'),
@@ -210,10 +205,9 @@ def reproduce():
     ({'--device': 'auto', '--nproc_per_node': '4'}, r'--nproc_per_node 4: larger than the 2 GPU\(s\) present'),
     ({'--jobs': '2', '--device': 'cuda'}, '--jobs 2: steps can run side by side only on CPU'),
 ])
-def test_bad_input_is_one_line_before_anything_runs(reproduce, demo_root, small_bert_dir, tmp_path, monkeypatch,
-                                                    change, message):
+def test_bad_input_is_one_line_before_anything_runs(demo_root, small_bert_dir, tmp_path, monkeypatch, change, message):
     from utils import InputError
-    monkeypatch.setattr(reproduce, 'visible_gpus', lambda: 2)
+    monkeypatch.setattr(config, 'visible_gpus', lambda: 2)
     args = pipeline_args(demo_root, small_bert_dir, tmp_path / 'out')
     args = [str(a) for a in args]
     for flag, value in change.items():
@@ -222,7 +216,7 @@ def test_bad_input_is_one_line_before_anything_runs(reproduce, demo_root, small_
         else:
             args += [flag, value]
     with pytest.raises(InputError, match=message):
-        reproduce.main(args)
+        reproduce_main(args)
     assert not (tmp_path / 'out').exists()
 
 
@@ -235,26 +229,27 @@ def test_nproc_larger_than_the_gpus_present_as_a_user_sees_it(demo_root, small_b
     assert not (tmp_path / 'out').exists()
 
 
-def test_foreign_output_folder_is_refused(reproduce, demo_root, small_bert_dir, tmp_path):
+def test_foreign_output_folder_is_refused(demo_root, small_bert_dir, tmp_path):
     from utils import InputError
     (tmp_path / 'out').mkdir()
     (tmp_path / 'out' / 'notes.txt').write_text('mine')
     with pytest.raises(InputError, match='holds files but no pipeline.json'):
-        reproduce.main([str(a) for a in pipeline_args(demo_root, small_bert_dir, tmp_path / 'out')])
+        reproduce_main([str(a) for a in pipeline_args(demo_root, small_bert_dir, tmp_path / 'out')])
     assert os.listdir(tmp_path / 'out') == ['notes.txt']
 
 
-def test_launcher_command_lines(reproduce, demo_root, small_bert_dir, tmp_path, monkeypatch):
+def test_launcher_command_lines(demo_root, small_bert_dir, tmp_path, monkeypatch):
     """1 process: plain python; several: torchrun --standalone; several nodes: torchrun with the node flags."""
-    monkeypatch.setattr(reproduce, 'visible_gpus', lambda: 4)
+    monkeypatch.setattr(config, 'visible_gpus', lambda: 4)
     base = [str(a) for a in pipeline_args(demo_root, small_bert_dir, tmp_path / 'out')]
     base[base.index('--jobs') + 1] = '1'
 
     def commands(*extra):
-        cfg = reproduce.validate(reproduce.build_parser().parse_args(base + list(extra)))
-        plan = reproduce.Plan(cfg)
+        cfg = config.validate(config.build_parser().parse_args(base + list(extra)))
+        plan = Plan(cfg)
+        assert all((REPO / s.script).is_file() for s in plan.steps)  # the scripts the steps run are there
         steps = {s.kind: s for s in plan.steps}
-        return {k: reproduce.launcher(cfg, s) for k, s in steps.items()}
+        return {k: runner.launcher(cfg, s) for k, s in steps.items()}
 
     one = commands()
     assert one['train'] == [sys.executable, str(REPO / 'train_stu_tea.py')]

@@ -1,0 +1,12 @@
+"""What reproduce.py runs: the paper's comparison as a pipeline of the real scripts, one subprocess a step.
+
+    config.py     the command line: flags, checks before anything runs (validate -> Config), constants
+    plan.py       the steps (Step) and their command lines and order (Plan)
+    manifests.py  when a step is finished, and with what (stage.json, started.json); JSON and git helpers
+    progress.py   timestamped lines and a step's epoch, score and ETA from its output (Printer, Progress)
+    runner.py     a step in a subprocess with its log (Runner), the steps in order, --jobs at once (execute)
+    channel.py    multi-node: node 0 publishes the steps, the other nodes run them (PlanChannel, follow)
+    report.py     the table (table.md, table.json) and the trivial all-object scores
+    figure.py     the qualitative figure (figure.png)
+    main.py       the pipeline end to end (main), --fresh (clear_outputs), the entry point (cli)
+"""

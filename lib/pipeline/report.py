@@ -1,0 +1,129 @@
+"""The table: each method's test results per accurate share, in the paper's form (table.md) and as JSON
+(table.json) with the configuration, the git commit and the trivial all-object scores."""
+from lib import files
+
+from .config import COLUMNS, EVAL_SPLITS, FULL_METHOD, METHODS, ratio_tag
+from .manifests import git_info, now, read_json, write_json
+
+
+def trivial_scores(cfg):
+    """oIoU / mIoU (percent) of predicting every pixel as the object, per split, over every sentence
+    (as test.py counts them), from the masks at the images' own size."""
+    from refer.refer import REFER
+    refer = REFER(str(cfg.data), cfg.args.dataset, cfg.args.splitBy)
+    scores = {}
+    for split in EVAL_SPLITS:
+        cum_i = cum_u = 0.0
+        fractions = []
+        for ref_id in refer.getRefIds(split=split):
+            ref = refer.Refs[ref_id]
+            img = refer.Imgs[ref['image_id']]
+            area = refer.getMask(ref)['area']
+            pixels = img['height'] * img['width']
+            k = len(ref['sentences'])
+            cum_i += k * area
+            cum_u += k * pixels
+            fractions += [area / pixels] * k
+        scores[split] = {'oIoU': 100 * cum_i / cum_u if cum_u else 0.0,
+                         'mIoU': 100 * sum(fractions) / len(fractions) if fractions else 0.0}
+    return scores
+
+
+def table_rows(plan):
+    rows = []
+    shares = ([100.0] if plan.cfg.args.full else []) + list(plan.cfg.ratios)
+    for share in shares:
+        methods = [FULL_METHOD] if share == 100.0 else METHODS
+        for key, label in methods:
+            row = {'ratio': share, 'method': label, 'checkpoint': str(plan.methods[(share, key)])}
+            for metric, split in COLUMNS:
+                res = read_json(plan.result_file(share, key, split))
+                row[f'{metric}_{split}'] = round(res[metric], 2) if res else None
+            for split in EVAL_SPLITS:
+                res = read_json(plan.result_file(share, key, split))
+                row[f'num_sentences_{split}'] = res.get('num_sentences') if res else None
+            rows.append(row)
+    return rows
+
+
+def table_markdown(rows, meta):
+    head = '| Ratio | Method | oIoU Val | oIoU Test | mIoU Val | mIoU Test |'
+    lines = [head, '|-------|--------|----------|-----------|----------|-----------|']
+    best = {}
+    for row in rows:
+        if row['method'] == FULL_METHOD[1]:
+            continue
+        for metric, split in COLUMNS:
+            k = f'{metric}_{split}'
+            if row[k] is not None:
+                best[(row['ratio'], k)] = max(best.get((row['ratio'], k), -1.0), row[k])
+    previous = None
+    for row in rows:
+        ratio = f"{ratio_tag(row['ratio'])}%" if row['ratio'] != previous else ''
+        previous = row['ratio']
+        cells = []
+        for metric, split in COLUMNS:
+            v = row[f'{metric}_{split}']
+            text = '–' if v is None else f'{v:.2f}'
+            if v is not None and row['method'] != FULL_METHOD[1] and v == best.get((row['ratio'], f'{metric}_{split}')):
+                text = f'**{text}**'
+            cells.append(text)
+        lines.append(f"| {ratio:<5} | {row['method']} | " + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def describe_git(g):
+    return f"{g.get('commit') or 'unknown'}{' (with uncommitted changes)' if g.get('dirty') else ''}"
+
+
+def steps_git(plan):
+    """{step: the git commit (and dirtiness) it ran at}, from the manifests of the finished steps."""
+    out = {}
+    for step in plan.steps:
+        done = read_json(plan.stage_dir(step.name) / 'stage.json')
+        if done and isinstance(done.get('git'), dict):
+            out[step.name] = done['git']
+    return out
+
+
+def write_table(plan, trivial):
+    cfg, a = plan.cfg, plan.cfg.args
+    rows = table_rows(plan)
+    g = git_info()
+    teacher = ('final weights (model_last, --teacher_epoch last)' if cfg.teacher == 'last'
+               else f'model_epoch_{cfg.teacher}.pth')
+    config = {
+        'dataset': a.dataset, 'refer_data_root': str(cfg.data), 'ratios': cfg.ratios, 'full': a.full,
+        'epochs': cfg.epochs, 'teacher': f'Only-Accurate run, {teacher}', 'batch_size': a.batch_size,
+        'lr': a.lr, 'stage2_lr': a.stage2_lr, 'stage3_lr': a.stage3_lr, 'caption_lr': a.caption_lr,
+        'caption_inner_steps': a.caption_inner_steps, 'caption_update_every': a.caption_update_every,
+        'seed': a.seed, 'split_seed': a.split_seed, 'swin_type': a.swin_type, 'img_size': a.img_size,
+        'window12': cfg.window12, 'pretrained_swin_weights': a.pretrained_swin_weights, 'ck_bert': a.ck_bert,
+        'amp': a.amp, 'extra_args': a.extra_args, 'device': cfg.device, 'processes': cfg.world,
+        'checkpoints': 'each run\'s best val-oIoU checkpoint (model_best; LRB-WREL: stage 3\'s model_best_oIoU)'}
+    data = {'dataset': a.dataset, 'columns': ['ratio', 'method'] + [f'{m}_{s}' for m, s in COLUMNS], 'rows': rows,
+            'trivial': trivial, 'config': config, 'git': g, 'steps_git': steps_git(plan), 'written': now()}
+    epochs = cfg.epochs
+    e_text = (f'{epochs["stage1"]} epochs each' if len(set(epochs.values())) == 1 else
+              f'Only Accurate {epochs["stage1"]}, Naive-WREL {epochs["naive"]}, LRB stage 2 {epochs["stage2"]}, '
+              f'stage 3 {epochs["stage3"]}' + (f', RMSIN {epochs["full"]}' if a.full else '') + ' epochs')
+    notes = [
+        f'Dataset `{a.dataset}`; ratio = share of train expressions kept accurate; oIoU / mIoU in percent over '
+        f'every sentence of the split; each method tested at its best val-oIoU checkpoint.',
+        f'Swin-{a.swin_type}, {a.img_size} px, batch {a.batch_size}, {e_text}; lr {a.lr:g} '
+        f'(stage 2 {a.stage2_lr:g}, stage 3 {a.stage3_lr:g}, bank {a.caption_lr:g}); LRB teacher: the Only-Accurate '
+        f'run\'s {teacher}; seed {a.seed}; {cfg.world} process(es) on {cfg.device}.',
+    ]
+    if trivial:
+        notes.append('Every pixel predicted as the object scores oIoU {:.2f} / {:.2f} and mIoU {:.2f} / {:.2f} '
+                     '(val / test).'.format(trivial['val']['oIoU'], trivial['test']['oIoU'],
+                                            trivial['val']['mIoU'], trivial['test']['mIoU']))
+    ran = sorted({describe_git(v) for v in data['steps_git'].values()})
+    notes.append(f"Code: the steps ran at git commit {', '.join(ran) or 'unknown'}; table written at "
+                 f'{describe_git(g)}.' if ran != [describe_git(g)] else f'Code: git commit {describe_git(g)}.')
+    markdown = (f'## {a.dataset}: Only Accurate vs Naive-WREL vs LRB-WREL\n\n' + table_markdown(rows, data) + '\n\n'
+                + '\n'.join(f'- {n}' for n in notes) + '\n')
+    write_json(cfg.out / 'table.json', data)
+    with files.atomic_file(cfg.out / 'table.md') as tmp:
+        tmp.write_text(markdown)
+    return markdown
