@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mask_train_only as mto  # noqa: E402
+from refer import splits  # noqa: E402
 from refer.demo_data import load_categories, synthesize_instances  # noqa: E402
 from refer.refer import load_refs  # noqa: E402
 
@@ -53,7 +54,7 @@ def timed(fn, *args):
 def published_views(folder, ratios):
     views = {}
     for r in ratios:
-        for v in mto.VIEWS:
+        for v in splits.VIEWS:
             path = Path(folder) / f'refs(unc)-{r}-{v}.p'
             if path.is_file():
                 views[r, v] = load_refs(str(path))
@@ -62,7 +63,7 @@ def published_views(folder, ratios):
 
 def stream_positions(inputs, seed):
     """Our draws as (category, index within the category's train annotations), per authors' ratio."""
-    train = mto.train_annotations(inputs)
+    train = splits.train_annotations(inputs)
     k = Counter()
     fake, fake_cat = [], {}
     for ann in train:
@@ -71,7 +72,7 @@ def stream_positions(inputs, seed):
         fake_cat[(cat, k[cat])] = cat
         k[cat] += 1
     rng = random.Random(seed)
-    return {r: mto.plan_ratio(rng, r, fake, fake_cat).masked_ann_ids for r in mto.AUTHORS_RATIOS}
+    return {r: splits.plan_ratio(rng, r, fake, fake_cat).masked_ann_ids for r in splits.AUTHORS_RATIOS}
 
 
 def main():
@@ -92,8 +93,8 @@ def main():
         root = write_root(Path(tmp) / 'data', args.refs, instances)
         out = Path(tmp) / 'out'
         data = root / 'rrsisd'
-        inputs, t_load = timed(mto.load_inputs, data / 'refs(unc).p', data / 'instances.json')
-        plans, t_plan = timed(mto.plan_splits, inputs, mto.AUTHORS_RATIOS, args.seed)
+        inputs, t_load = timed(splits.load_inputs, data / 'refs(unc).p', data / 'instances.json')
+        plans, t_plan = timed(splits.plan_splits, inputs, splits.AUTHORS_RATIOS, args.seed)
         _, t_all = timed(mto.main, ['--refer_data_root', str(root), '--output_dir', str(out)])
         size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     print(f'\n{len(refs)} refs, {len(instances["annotations"])} annotations: load+check {t_load}, '
@@ -101,7 +102,7 @@ def main():
 
     if not args.published:
         return
-    pub = published_views(args.published, mto.AUTHORS_RATIOS)
+    pub = published_views(args.published, splits.AUTHORS_RATIOS)
     ratios = sorted({r for r, _ in pub})
     plan = {p.ratio: p for p in plans}
     masked = {r: {x['ann_id'] for x in pub[r, 'mask'] if x['split'] == 'train'} for r in ratios}
@@ -115,7 +116,7 @@ def main():
 
     positions = stream_positions(inputs, args.seed)
     by_cat = defaultdict(list)
-    for ann in mto.train_annotations(inputs):
+    for ann in splits.train_annotations(inputs):
         by_cat[inputs.ann_category[ann['id']]].append(ann['id'])
     consistent = 0
     slots = {}
@@ -154,16 +155,16 @@ def main():
     ann_by_id = {a['id']: a for a in instances['annotations']}
     reordered = [ann_by_id[next(next_of[inputs.ann_category[a['id']]])] if a['id'] in train_ids else a
                  for a in instances['annotations']]
-    inputs2 = mto.Inputs(inputs.refs, {**instances, 'annotations': reordered},
+    inputs2 = splits.Inputs(inputs.refs, {**instances, 'annotations': reordered},
                          inputs.ann_category, inputs.cat_names)
-    plans2 = {p.ratio: p for p in mto.plan_splits(inputs2, mto.AUTHORS_RATIOS, args.seed)}
+    plans2 = {p.ratio: p for p in splits.plan_splits(inputs2, splits.AUTHORS_RATIOS, args.seed)}
     print(f'3. recovered per-category order disagrees with the published files\' order in {violations} of '
           f'{len(slots) * 2 * len(ratios)} checks; with it, our split gives exactly their refs:')
     for r in ratios:
-        views = mto.make_views(inputs2, plans2[r])
-        same = [{x['ref_id']: x for x in views[v][0]} == {x['ref_id']: x for x in pub[r, v]} for v in mto.VIEWS]
+        views = splits.make_views(inputs2, plans2[r])
+        same = [{x['ref_id']: x for x in views[v][0]} == {x['ref_id']: x for x in pub[r, v]} for v in splits.VIEWS]
         print(f'   {r}: chosen ids equal {plans2[r].masked_ann_ids == masked[r]}; '
-              + ', '.join(f'{v} ref dicts equal {s}' for v, s in zip(mto.VIEWS, same)))
+              + ', '.join(f'{v} ref dicts equal {s}' for v, s in zip(splits.VIEWS, same)))
     ours_direct = sum(plan[r].masked_ann_ids == masked[r] for r in ratios)
     print(f'   (with the instances order as given, not recovered: exact ids equal for '
           f'{ours_direct}/{len(ratios)} ratios)')

@@ -80,16 +80,12 @@ def main(argv=None):
     validate(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import importlib.util
     import logging
 
     from bert.build_small import build_small_bert
     from bert.encoder import load_tokenizer
-    from lib import engine
-
-    spec = importlib.util.spec_from_file_location('_predict', Path(__file__).resolve().parents[1] / 'predict.py')
-    predict = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(predict)
+    from lib import inference
+    from lib.model.build import build_model
     from transformers.utils import logging as hf_logging
     logging.getLogger('lrb').setLevel(logging.WARNING)
     hf_logging.disable_progress_bar()  # no 'Writing model shards' bar in the figures
@@ -105,14 +101,14 @@ def main(argv=None):
             ['--swin_type', args.swin_type, '--img_size', str(args.img_size), '--pretrained_swin_weights', '',
              '--ck_bert', str(tmp / 'bert')] + (['--window12'] if args.window12 else []))
         torch.manual_seed(0)
-        model, bert = engine.build_model(model_args, pretrained='')
+        model, bert = build_model(model_args, pretrained='')
         model.to(device).eval()
         bert.to(device).eval()
         n_params = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in bert.parameters())
         build_s = time.perf_counter() - tic
 
         paths = make_images(tmp, args.warmup + args.images, args.image_size)
-        predictor = predict.Predictor(model, bert, load_tokenizer(tmp / 'bert'), args.img_size, device)
+        predictor = inference.Predictor(model, bert, load_tokenizer(tmp / 'bert'), args.img_size, device)
         forward_s = [0.0]
         call = predictor.__call__
 
@@ -128,11 +124,12 @@ def main(argv=None):
 
         expressions = EXPRESSIONS[:args.expressions]
         if args.warmup:
-            predict.predict_all(_Timed(predictor, timed_call), paths[:args.warmup], expressions, tmp / 'warm', args.batch)
+            inference.predict_all(_Timed(predictor, timed_call), paths[:args.warmup], expressions, tmp / 'warm',
+                                  args.batch)
         forward_s[0] = 0.0
         t0, c0 = time.perf_counter(), time.process_time()
-        records = predict.predict_all(_Timed(predictor, timed_call), paths[args.warmup:], expressions, tmp / 'out',
-                                      args.batch)
+        records = inference.predict_all(_Timed(predictor, timed_call), paths[args.warmup:], expressions,
+                                        tmp / 'out', args.batch)
         total, cpu = time.perf_counter() - t0, time.process_time() - c0
 
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu ({torch.get_num_threads()} threads)'

@@ -1,4 +1,5 @@
-"""mask_train_only.py on the real RRSIS-D refs (+ synthesized instances) and on tiny inputs.
+"""mask_train_only.py and refer/splits.py (its machinery) on the real RRSIS-D refs (+ synthesized
+instances) and on tiny inputs.
 
 The real-refs split (ratios 10 30 50 70 90, seed 42) is built once per module (~3 s)."""
 import functools
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 
 import mask_train_only as mto
+from refer import splits
 from refer.refer import REFER, load_instances, load_refs
+from utils import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / 'mask_train_only.py'
@@ -100,9 +103,9 @@ def test_weak_counts_follow_rule_and_match_authors(source, split_out, view_refs)
 
 def test_authors_float_arithmetic():
     # the authors compute int(0.7 * 90) = 62 (0.7 * 90 = 62.99999...), not floor(63.0)
-    assert mto.weak_count(70, 90) == 62
-    assert mto.weak_count(50, 12181) == 6090
-    assert mto.weak_count(90, 12181) == 10962
+    assert splits.weak_count(70, 90) == 62
+    assert splits.weak_count(50, 12181) == 6090
+    assert splits.weak_count(90, 12181) == 10962
 
 
 def test_budget_cap_and_ties_follow_instances_order():
@@ -111,7 +114,7 @@ def test_budget_cap_and_ties_follow_instances_order():
     anns = [{'id': 1}, {'id': 2}, {'id': 3}, {'id': 4}]
     for first, second in ((7, 5), (5, 7)):
         category = {1: first, 2: second, 3: first, 4: second}
-        plan = mto.plan_ratio(random.Random(0), 25, anns, category)
+        plan = splits.plan_ratio(random.Random(0), 25, anns, category)
         assert plan.budget == 1 and plan.weak_per_category == {first: 1}
         assert len(plan.masked_ann_ids) == 1 and category[next(iter(plan.masked_ann_ids))] == first
 
@@ -167,18 +170,18 @@ def test_weak_expressions_are_category_names(source, view_refs):
 
 
 def test_seed_decides_the_split(source):
-    inputs = mto.load_inputs(source['root'] / 'rrsisd' / 'refs(unc).p',
+    inputs = splits.load_inputs(source['root'] / 'rrsisd' / 'refs(unc).p',
                              source['root'] / 'rrsisd' / 'instances.json')
-    full = mto.plan_splits(inputs, RATIOS, seed=42)
-    again = mto.plan_splits(inputs, RATIOS, seed=42)
-    other = mto.plan_splits(inputs, RATIOS, seed=43)
+    full = splits.plan_splits(inputs, RATIOS, seed=42)
+    again = splits.plan_splits(inputs, RATIOS, seed=42)
+    other = splits.plan_splits(inputs, RATIOS, seed=43)
     for a, b, c in zip(full, again, other):
         assert a.masked_ann_ids == b.masked_ann_ids and a.example_ann_ids == b.example_ann_ids
         assert a.masked_ann_ids != c.masked_ann_ids
         assert len(a.masked_ann_ids) == len(c.masked_ann_ids)
     # a ratio asked for alone draws what it draws in the authors' full 10..90 run
-    assert mto.plan_splits(inputs, [90], seed=42)[0].masked_ann_ids == full[-1].masked_ann_ids
-    assert mto.plan_splits(inputs, [20, 50], seed=42)[1].masked_ann_ids == full[2].masked_ann_ids
+    assert splits.plan_splits(inputs, [90], seed=42)[0].masked_ann_ids == full[-1].masked_ann_ids
+    assert splits.plan_splits(inputs, [20, 50], seed=42)[1].masked_ann_ids == full[2].masked_ann_ids
 
 
 def test_output_roots_load_through_refer(source, split_out):
@@ -240,14 +243,14 @@ def test_images_link_and_overwrite(tmp_path, capsys):
     assert weak == ['dam', 'ship', 'storage tank']
     assert 'acc/weak@50' in capsys.readouterr().out
     # the per-annotation JSON cache writes exactly what json.dumps writes
-    inputs = mto.load_inputs(root / 'rrsisd' / 'refs(unc).p', root / 'rrsisd' / 'instances.json')
-    views = mto.make_views(inputs, mto.plan_splits(inputs, [50], seed=42)[0])
+    inputs = splits.load_inputs(root / 'rrsisd' / 'refs(unc).p', root / 'rrsisd' / 'instances.json')
+    views = splits.make_views(inputs, splits.plan_splits(inputs, [50], seed=42)[0])
     for view in VIEWS:
         assert (out / f'instances-50-{view}.json').read_text() == \
             json.dumps(views[view][1], separators=(',', ':'))
 
     (out / 'stale.txt').write_text('old')
-    with pytest.raises(mto.InputError, match='--overwrite'):
+    with pytest.raises(InputError, match='--overwrite'):
         mto.main(args)
     assert (out / 'stale.txt').exists()
     assert mto.main(args + ['--overwrite', '--seed', '1']) == 0

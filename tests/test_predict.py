@@ -1,7 +1,7 @@
-"""predict.py on a nano model with random weights (nothing is trained): a checkpoint saved through the
-engine, the real command line on two images of different sizes and aspect ratios with two expressions,
-masks equal to test.py's forward (dataset transform + engine.predict_fn) brought back to each image's size,
-every checkpoint kind, --threshold, and the one-line input errors."""
+"""predict.py (and lib/inference.py) on a nano model with random weights (nothing is trained): a checkpoint
+saved as train.py saves it, the real command line on two images of different sizes and aspect ratios with two
+expressions, masks equal to test.py's forward (dataset transform + predict_fn) brought back to each image's
+size, every checkpoint kind, --threshold, and the one-line input errors."""
 import argparse
 import json
 import os
@@ -16,7 +16,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import utils
-from lib import engine
+from lib import inference
+from lib.model.build import build_model
+from lib.training.checkpoint import args_to_dict, save_checkpoint
+from lib.training.engine import predict_fn
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = 'the storage tank at the top left'
@@ -45,16 +48,16 @@ def model_args(small_bert_dir, *extra):
 
 @pytest.fixture(scope='module')
 def nano(small_bert_dir, tmp_path_factory):
-    """A random nano RMSIN + small BERT, saved as train.py does (engine.save_checkpoint, args as a dict)."""
+    """A random nano RMSIN + small BERT, saved as train.py does (save_checkpoint, args as a dict)."""
     args = model_args(small_bert_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model, bert = engine.build_model(args)
+        model, bert = build_model(args)
     model.eval()
     bert.eval()
     path = tmp_path_factory.mktemp('nano') / 'model_best_nano.pth'
-    engine.save_checkpoint({'model': model.state_dict(), 'bert_model': bert.state_dict(), 'epoch': 0,
-                            'args': engine.args_to_dict(args)}, path)
+    save_checkpoint({'model': model.state_dict(), 'bert_model': bert.state_dict(), 'epoch': 0,
+                            'args': args_to_dict(args)}, path)
     return path, model, bert
 
 
@@ -100,7 +103,7 @@ def predicted(nano, images, tmp_path_factory):
 
 def reference_logits(model, bert, small_bert_dir, path, expression, img_size=64):
     """test.py's forward for one (image, expression): the dataset's transform and tokenization, then
-    engine.predict_fn -> logits [2, S, S]."""
+    predict_fn -> logits [2, S, S]."""
     from bert.encoder import load_tokenizer
     from refer.dataset import tokenize_sentences
     from refer.transforms import build_transform
@@ -108,7 +111,7 @@ def reference_logits(model, bert, small_bert_dir, path, expression, img_size=64)
     tensor, _ = build_transform(img_size)(image, Image.new('L', image.size))
     ids, mask = tokenize_sentences(load_tokenizer(small_bert_dir), [expression], 20)
     with torch.no_grad():
-        return engine.predict_fn(model, bert)({'image': tensor[None], 'input_ids': ids,
+        return predict_fn(model, bert)({'image': tensor[None], 'input_ids': ids,
                                                'attention_mask': mask})[0].float()
 
 
@@ -279,9 +282,8 @@ def test_input_errors_are_one_line(predicted, nano, images, small_bert_dir, tmp_
 
 def test_stored_args_window12_from_the_swin_file_name():
     """As at training time, window 12 follows from the Swin weights' file name when --window12 was not set."""
-    predict = load_script('predict.py')
-    stored = predict.stored_model_flags({'args': argparse.Namespace(
+    stored = inference.stored_model_flags({'args': argparse.Namespace(
         swin_type='base', window12=False, img_size=480, device='cuda:0',
         pretrained_swin_weights='pretrained_weights/swin_base_patch4_window12_384_22k.pth')})
     assert stored == {'swin_type': 'base', 'window12': True, 'img_size': 480}
-    assert predict.stored_model_flags({'model': {}}) == {}
+    assert inference.stored_model_flags({'model': {}}) == {}
