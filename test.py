@@ -4,14 +4,19 @@
 
 Loads checkpoints of train.py ('model'), of stage 3 ('student_model') and of the original code (with or
 without DDP `module.` prefixes; for --model lavt also 'bert_model'). Prints overall IoU, mean IoU and
-precision@0.5..0.9 over every sentence of the split and writes them to a JSON file. Under torchrun
-each process evaluates its share of the split; the reduced numbers are the same as with one process.
+precision@0.5..0.9 over every sentence of the split and writes them to a JSON file, and beside it one
+record per sentence (`<json stem>_records.npz`, lib/evaluation/records.py: what
+`python -m lib.evaluation.compare` compares); --breakdown adds per-category and per-size tables
+(`<json stem>_breakdown.md`). Under torchrun each process evaluates its share of the split; the reduced
+numbers are the same as with one process.
 """
 import json
 import logging
 import os
 
 import utils
+from lib.evaluation.breakdown import breakdown_markdown
+from lib.evaluation.records import SentenceRecords, breakdown_path, records_path
 from lib.files import atomic_file, check_writable_dir, guard_output_dir, guard_output_file
 from lib.model.build import build_model
 from lib.training.checkpoint import load_checkpoint, load_model_and_bert
@@ -32,13 +37,32 @@ def results_path(args):
     return f'{stem}_{args.dataset}_{args.split}_metrics.json'
 
 
+def companion_paths(args):
+    """The files written beside the metrics JSON: the records, and with --breakdown the tables."""
+    out = results_path(args)
+    return [records_path(out)] + ([breakdown_path(out)] if args.breakdown else [])
+
+
 def write_json_atomic(data, path):
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2))
 
 
+def write_text_atomic(text, path):
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def build_parser():
+    parser = utils.get_parser()
+    parser.add_argument('--breakdown', action='store_true',
+                        help='also write per-category and per-size tables with 95%% intervals '
+                             '(<results json stem>_breakdown.md)')
+    return parser
+
+
 def main(argv=None):
-    args = utils.get_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     env = init_distributed(args.device)
     try:
         return run(args, env)
@@ -78,6 +102,8 @@ def run(args, env):
         guard_output_file(results_path(args), overwrite=args.overwrite, flag='--results_json')
         if args.vis_dir:
             guard_output_dir(args.vis_dir, [OVERLAY_FILES], overwrite=args.overwrite, flag='--vis_dir')
+        for path in companion_paths(args):  # after the JSON and the overlays, whose messages users know
+            guard_output_file(path, overwrite=args.overwrite, flag='--results_json')
     vis = OverlayWriter(args.vis_dir, args.vis_num, tokenizer) if args.vis_dir else None
     meter = evaluate(predict_fn(model, bert, args.amp), loader, env.device, desc='Test',
                      on_prediction=vis)
@@ -85,13 +111,18 @@ def run(args, env):
     if env.is_main:
         print(format_results(summary), flush=True)
         out = results_path(args)
-        write_json_atomic({'checkpoint': os.path.abspath(args.resume), 'weights_key': key,
-                           'dataset': args.dataset, 'split': args.split, 'model': args.model,
-                           'swin_type': args.swin_type, 'img_size': args.img_size,
-                           'processes': env.world_size, **summary,
+        meta = {'checkpoint': os.path.abspath(args.resume), 'weights_key': key, 'dataset': args.dataset,
+                'split': args.split, 'model': args.model, 'swin_type': args.swin_type, 'img_size': args.img_size}
+        records = SentenceRecords.from_meter(meter, dataset, meta)
+        records.save(records_path(out))  # before the JSON: a finished JSON means its records exist
+        if args.breakdown:
+            name = os.path.splitext(os.path.basename(args.resume))[0]
+            write_text_atomic(breakdown_markdown({name: [records]}), breakdown_path(out))
+        write_json_atomic({**meta, 'processes': env.world_size, **summary,
                            'sentences': [{'index': k[0], 'sentence': k[1], 'I': i, 'U': u}
-                                         for k, i, u in meter.records]}, out)
-        logger.info(f'metrics written to {out}')
+                                         for k, i, u, *_ in meter.records]}, out)
+        logger.info(f'metrics written to {out}, per-sentence records to {records_path(out)}'
+                    + (f', breakdown to {breakdown_path(out)}' if args.breakdown else ''))
         if vis is not None:
             logger.info(f'overlays written to {args.vis_dir}')
     return summary

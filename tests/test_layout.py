@@ -15,6 +15,7 @@ LAYERS = [
     ('ops', 'bert', 'refer'),         # deformable attention, BERT, the data
     ('lib.model',),                   # the RMSIN network
     ('lib.training',),                # the machinery of a run
+    ('lib.evaluation',),              # per-sentence records, bootstrap intervals, breakdowns
     ('lib.inference',),               # predict.py's machinery (uses training's checkpoint loading)
     ('lib.pipeline',),                # what reproduce.py runs
 ]

@@ -5,8 +5,9 @@ U = |pred | gt|, IoU = I / U, and 0 when I == 0 or U == 0 (as the reference `IoU
 Over a split: overall IoU = sum(I) / sum(U), mean IoU = mean of per-sentence IoUs,
 precision@t = share of sentences with IoU >= t, t in 0.5 ... 0.9.
 
-Each process keeps (key, I, U) per sentence; `reduce()` gathers them from all ranks and sorts by key,
-so the numbers are bit-identical whether one or K processes evaluated the split.
+Each process keeps (key, I, U, area, pixels) per sentence (area: target pixels, pixels: H*W; for the
+per-sentence records of lib.evaluation); `reduce()` gathers them from all ranks and sorts by key, so the
+numbers are bit-identical whether one or K processes evaluated the split.
 """
 import numpy as np
 import torch
@@ -36,13 +37,16 @@ class RefSegMeter:
     """Accumulates per-sentence intersections and unions."""
 
     def __init__(self):
-        self.records = []  # (key, I, U); key orders sentences identically for any number of ranks
+        # (key, I, U, area, pixels); key orders sentences identically for any number of ranks
+        self.records = []
 
     def update(self, logits, target, keys):
         """logits [B, 2, H, W], target [B, H, W], keys: B sortable ids (e.g. (dataset index, sentence))."""
         inter, union = intersection_union(logits.argmax(1), target)
-        for key, i, u in zip(keys, inter.tolist(), union.tolist()):
-            self.records.append((key, int(i), int(u)))
+        area = target.bool().flatten(1).sum(1)
+        pixels = target[0].numel() if len(target) else 0
+        for key, i, u, a in zip(keys, inter.tolist(), union.tolist(), area.tolist()):
+            self.records.append((key, int(i), int(u), int(a), pixels))
 
     def reduce(self):
         """Gather every rank's records (sorted by key). Collective: call on all ranks."""
@@ -53,7 +57,7 @@ class RefSegMeter:
         return out
 
     def ious(self):
-        return [sentence_iou(i, u) for _, i, u in self.records]
+        return [sentence_iou(r[1], r[2]) for r in self.records]
 
     def summary(self):
         """Metrics in percent, as printed in the paper."""
