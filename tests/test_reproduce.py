@@ -1,6 +1,7 @@
 """reproduce.py, the pipeline behind the paper's table, through its command line on the demo data (40 images,
 64 px, nano Swin, small BERT, CPU, 1 epoch per step, 2 shares): the table has every method and share and
-agrees with test.py's files; a second run reuses every step; an interrupted training step continues from
+agrees with test.py's files; each cell has its interval and each share its paired differences, with the
+breakdown and the scores plot beside them; a second run reuses every step; an interrupted training step continues from
 its model_last; a changed configuration is refused; --fresh redoes finished steps; a failing step stops the
 pipeline with one line; bad input is one line before anything runs."""
 import json
@@ -49,10 +50,13 @@ def read(path):
         return json.load(f)
 
 
+REWRITTEN = ('table.md', 'table.json', 'figure.png', 'pipeline.json', 'breakdown.md', 'scores.png', 'intervals.json')
+
+
 def snapshot(out):
-    """Every file's modification time (ns) and size under the pipeline folder, but the table and figure."""
+    """Every file's modification time (ns) and size under the pipeline folder, but the table and figures."""
     return {str(p.relative_to(out)): (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob('*')
-            if p.is_file() and p.name not in ('table.md', 'table.json', 'figure.png', 'pipeline.json')}
+            if p.is_file() and p.name not in REWRITTEN}
 
 
 @pytest.fixture(scope='module')
@@ -87,10 +91,49 @@ def test_table_has_every_method_and_share(pipeline):
     assert 0 < table['trivial']['test']['oIoU'] < 10  # objects cover a few % of a demo image
 
     md = (out / 'table.md').read_text()
-    assert '| Ratio | Method | oIoU Val | oIoU Test | mIoU Val | mIoU Test |' in md
-    assert md.count('| 10%') == 1 and md.count('| 50%') == 1 and md.count('LRB-WREL |') == 2
+    paper = md.split('\n\n')[1]  # the table in the paper's form; the differences come after it
+    assert paper.startswith('| Ratio | Method | oIoU Val | oIoU Test | mIoU Val | mIoU Test |\n')
+    assert paper.count('| 10%') == 1 and paper.count('| 50%') == 1 and paper.count('LRB-WREL |') == 2
     assert md.split('| Ratio')[1] in proc.stdout  # the table is printed at the end
     assert (out / 'figure.png').is_file() and str(out / 'figure.png') in proc.stdout
+
+
+def test_table_has_intervals_and_differences(pipeline):
+    """Each cell has a 95 % interval around its value (from test.py's records); per share, the differences
+    Naive-WREL - Only Accurate and LRB-WREL - Naive-WREL are those of the cells, with interval and p-value;
+    breakdown.md and scores.png are written."""
+    out = pipeline['out']
+    table = read(out / 'table.json')
+    cells, printed = {}, {}
+    for row in table['rows']:
+        assert set(row['intervals']) == {'oIoU_val', 'oIoU_test', 'mIoU_val', 'mIoU_test'}
+        for column, iv in row['intervals'].items():
+            assert round(iv['value'], 2) == row[column] and iv['seeds'] == [pytest.approx(iv['value'])]  # one seed
+            assert iv['low'] <= iv['value'] <= iv['high']
+            cells[(row['ratio'], row['method'], column)] = iv['value']
+            printed[(row['ratio'], row['method'], column)] = row[column]
+    assert table['significance']['confidence'] == 0.95 and table['significance']['training_seeds'] == 1
+    pairs = [(d['ratio'], d['later'], d['earlier']) for d in table['differences']]
+    assert pairs == [(float(s), later, earlier) for s in SHARES
+                     for later, earlier in (('Naive-WREL', 'Only Accurate'), ('LRB-WREL', 'Naive-WREL'))]
+    for d in table['differences']:
+        for column in ('oIoU_val', 'oIoU_test', 'mIoU_val', 'mIoU_test'):
+            diff = d[column]
+            expected = cells[(d['ratio'], d['later'], column)] - cells[(d['ratio'], d['earlier'], column)]
+            assert diff['diff'] == pytest.approx(expected, abs=1e-9)
+            cell_difference = printed[(d['ratio'], d['later'], column)] - printed[(d['ratio'], d['earlier'], column)]
+            assert abs(diff['diff'] - cell_difference) <= 0.01 + 1e-9  # the printed cells are rounded
+            assert diff['low'] <= diff['high'] and 0 <= diff['p_value'] <= 1
+            assert diff['excludes_zero'] == (diff['low'] > 0 or diff['high'] < 0)
+    md = (out / 'table.md').read_text()
+    assert re.search(r'\| 10%   \| Only Accurate \| (\*\*)?\d+\.\d\d(\*\*)? \[\d+\.\d\d, \d+\.\d\d\] \|', md), md
+    assert md.count('Naive-WREL − Only Accurate |') == 2 and md.count('LRB-WREL − Naive-WREL |') == 2
+    assert re.search(r'\| [+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\] p[=<]0\.\d{3}', md), md
+    assert 'bold**: the interval excludes 0' in md
+    breakdown = (out / 'breakdown.md').read_text()
+    assert all(f'## {s} % accurate' in breakdown for s in SHARES) and all(m in breakdown for m in METHOD_LABELS)
+    assert (out / 'scores.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and (out / 'scores.png').stat().st_size > 5000
+    assert (out / 'results' / 'acc10-lrb-wrel-test_records.npz').stat().st_size > 0
 
 
 def test_steps_are_the_real_scripts_with_their_inputs(pipeline):

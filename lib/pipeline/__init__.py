@@ -7,6 +7,8 @@
     runner.py     a step in a subprocess with its log (Runner), the steps in order, --jobs at once (execute)
     channel.py    multi-node: node 0 publishes the steps, the other nodes run them (PlanChannel, follow)
     report.py     the table (table.md, table.json) and the trivial all-object scores
+    significance.py  each cell's interval, the paired differences, breakdown.md (from lib.evaluation)
+    plot.py       the scores plot (scores.png): test oIoU per share with intervals
     figure.py     the qualitative figure (figure.png)
     main.py       the pipeline end to end (main), --fresh (clear_outputs), the entry point (cli)
 """

@@ -1,5 +1,5 @@
-"""The pipeline from the command line to the table and figure: validate, plan, run (or follow node 0),
-write the table and draw the figure."""
+"""The pipeline from the command line to the table and figures: validate, plan, run (or follow node 0),
+write the table (with intervals), the breakdown and the scores plot, and draw the figure."""
 import os
 import shutil
 import sys
@@ -13,9 +13,11 @@ from .config import EVAL_SPLITS, build_parser, ratio_tag, validate
 from .figure import figure_step
 from .manifests import Manifests, file_digest, git_info, now, read_json, with_suppress, write_json
 from .plan import Plan
+from .plot import draw_scores
 from .progress import Printer, hms
 from .report import trivial_scores, write_table
 from .runner import execute
+from .significance import BREAKDOWN_FILE, CACHE_FILE, PLOT_FILE, write_breakdown
 
 
 def main(argv=None):
@@ -65,12 +67,19 @@ def main(argv=None):
         if channel is not None:
             channel.close(ok)
     markdown = write_table(plan, trivial)
+    breakdown = write_breakdown(plan)
+    try:
+        scores = draw_scores(read_json(cfg.out / 'table.json'), cfg.out / PLOT_FILE)
+    except ImportError as e:  # the table and breakdown are there; the plot needs matplotlib
+        scores = None
+        say(f'{PLOT_FILE}: not drawn ({e}; pip install -r requirements.txt)')
     figure = None
     if args.figure_samples:
         figure = figure_step(plan, manifests, min(cfg.ratios), args.figure_samples, say)
     print()
     print(markdown)
-    say(f'pipeline finished in {hms(time.time() - start)}: {cfg.out / "table.md"}, {cfg.out / "table.json"}'
+    written = [cfg.out / 'table.md', cfg.out / 'table.json', breakdown] + ([scores] if scores else [])
+    say(f"pipeline finished in {hms(time.time() - start)}: {', '.join(map(str, written))}"
         + (f', figure {figure} (accurate share {ratio_tag(min(cfg.ratios))} %)' if figure else ''))
     return 0
 
@@ -83,7 +92,8 @@ def clear_outputs(cfg):
             trash = d.with_name(f'.{name}.old-{os.getpid()}')
             os.replace(d, trash)
             shutil.rmtree(trash)
-    for name in ('table.md', 'table.json', 'figure.png', 'figure.json', 'trivial.json'):
+    for name in ('table.md', 'table.json', 'figure.png', 'figure.json', 'trivial.json', CACHE_FILE, BREAKDOWN_FILE,
+                 PLOT_FILE):
         with_suppress(lambda: (cfg.out / name).unlink())
 
 

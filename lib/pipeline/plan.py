@@ -1,7 +1,10 @@
 """The steps of the pipeline (Step) and their order and command lines (Plan): per accurate share the
-splits, the four trainings and the tests of each method's best checkpoint."""
+splits, the four trainings and the tests of each method's best checkpoint (each writes its metrics JSON
+and its per-sentence records)."""
 import os
 from pathlib import Path
+
+from lib.evaluation.records import records_path
 
 from .config import EVAL_SPLITS, FULL_METHOD, METHODS, MODEL_ID, ratio_tag
 
@@ -75,7 +78,8 @@ class Plan:
             self.steps.append(Step(name, 'test', 'test.py',
                                    ['--refer_data_root', self.cfg.data, '--resume', checkpoint, '--split', split,
                                     '--results_json', result, '--overwrite', *self.test_common],
-                                   [result], [train_step.name], label=f'{prefix} {method} test on {split}'))
+                                   [result, records_path(result)], [train_step.name],
+                                   label=f'{prefix} {method} test on {split}'))
 
     def _full(self):
         e = self.cfg.epochs['full']
@@ -122,5 +126,13 @@ class Plan:
             self.methods[(share, method)] = best
             self._tests(prefix, method, best, step)
 
+    def shares(self):
+        """The table's shares: 100 (--full) first, then --ratios."""
+        return ([100.0] if self.cfg.args.full else []) + list(self.cfg.ratios)
+
     def result_file(self, share, method, split):
         return self.results / f'acc{ratio_tag(share)}-{method}-{split}.json'
+
+    def records_files(self, share, method, split):
+        """test.py's per-sentence records of a method on a split, one file per training seed (one today)."""
+        return [Path(records_path(self.result_file(share, method, split)))]

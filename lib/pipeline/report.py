@@ -1,9 +1,12 @@
-"""The table: each method's test results per accurate share, in the paper's form (table.md) and as JSON
-(table.json) with the configuration, the git commit and the trivial all-object scores."""
+"""The table: each method's test results per accurate share, in the paper's form (table.md) with each cell's
+95 % interval and the paired differences per share (significance.py), and as JSON (table.json) with every
+number, the configuration, the git commit and the trivial all-object scores."""
 from lib import files
 
 from .config import COLUMNS, EVAL_SPLITS, FULL_METHOD, METHODS, ratio_tag
 from .manifests import git_info, now, read_json, write_json
+from .significance import (DIFFERENCES_HEAD, METHOD_TEXT, Records, cell_interval, column_key, differences,
+                           differences_markdown, errors, format_interval, interval_note, settings)
 
 
 def trivial_scores(cfg):
@@ -29,10 +32,11 @@ def trivial_scores(cfg):
     return scores
 
 
-def table_rows(plan):
+def table_rows(plan, records=None):
+    """One row per share and method: the four cells (rounded as printed), the sentences tested, and with
+    `records` (significance.Records) each cell's interval ('intervals')."""
     rows = []
-    shares = ([100.0] if plan.cfg.args.full else []) + list(plan.cfg.ratios)
-    for share in shares:
+    for share in plan.shares():
         methods = [FULL_METHOD] if share == 100.0 else METHODS
         for key, label in methods:
             row = {'ratio': share, 'method': label, 'checkpoint': str(plan.methods[(share, key)])}
@@ -42,11 +46,15 @@ def table_rows(plan):
             for split in EVAL_SPLITS:
                 res = read_json(plan.result_file(share, key, split))
                 row[f'num_sentences_{split}'] = res.get('num_sentences') if res else None
+            if records is not None:
+                row['intervals'] = {column_key(c): cell_interval(records, share, key, c) for c in COLUMNS
+                                    if row[column_key(c)] is not None}
             rows.append(row)
     return rows
 
 
-def table_markdown(rows, meta):
+def table_markdown(rows):
+    """The paper's table; each cell followed by its interval when there is one, the best of a share bold."""
     head = '| Ratio | Method | oIoU Val | oIoU Test | mIoU Val | mIoU Test |'
     lines = [head, '|-------|--------|----------|-----------|----------|-----------|']
     best = {}
@@ -63,11 +71,13 @@ def table_markdown(rows, meta):
         previous = row['ratio']
         cells = []
         for metric, split in COLUMNS:
-            v = row[f'{metric}_{split}']
+            k = f'{metric}_{split}'
+            v = row[k]
             text = '–' if v is None else f'{v:.2f}'
-            if v is not None and row['method'] != FULL_METHOD[1] and v == best.get((row['ratio'], f'{metric}_{split}')):
+            if v is not None and row['method'] != FULL_METHOD[1] and v == best.get((row['ratio'], k)):
                 text = f'**{text}**'
-            cells.append(text)
+            interval = format_interval(row.get('intervals', {}).get(k))
+            cells.append(f'{text} {interval}' if interval else text)
         lines.append(f"| {ratio:<5} | {row['method']} | " + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -86,23 +96,39 @@ def steps_git(plan):
     return out
 
 
-def write_table(plan, trivial):
-    cfg, a = plan.cfg, plan.cfg.args
-    rows = table_rows(plan)
-    g = git_info()
-    teacher = ('final weights (model_last, --teacher_epoch last)' if cfg.teacher == 'last'
-               else f'model_epoch_{cfg.teacher}.pth')
-    config = {
+def table_config(cfg):
+    a = cfg.args
+    return {
         'dataset': a.dataset, 'refer_data_root': str(cfg.data), 'ratios': cfg.ratios, 'full': a.full,
-        'epochs': cfg.epochs, 'teacher': f'Only-Accurate run, {teacher}', 'batch_size': a.batch_size,
+        'epochs': cfg.epochs, 'teacher': f'Only-Accurate run, {teacher_text(cfg)}', 'batch_size': a.batch_size,
         'lr': a.lr, 'stage2_lr': a.stage2_lr, 'stage3_lr': a.stage3_lr, 'caption_lr': a.caption_lr,
         'caption_inner_steps': a.caption_inner_steps, 'caption_update_every': a.caption_update_every,
         'seed': a.seed, 'split_seed': a.split_seed, 'swin_type': a.swin_type, 'img_size': a.img_size,
         'window12': cfg.window12, 'pretrained_swin_weights': a.pretrained_swin_weights, 'ck_bert': a.ck_bert,
         'amp': a.amp, 'extra_args': a.extra_args, 'device': cfg.device, 'processes': cfg.world,
         'checkpoints': 'each run\'s best val-oIoU checkpoint (model_best; LRB-WREL: stage 3\'s model_best_oIoU)'}
+
+
+def teacher_text(cfg):
+    return ('final weights (model_last, --teacher_epoch last)' if cfg.teacher == 'last'
+            else f'model_epoch_{cfg.teacher}.pth')
+
+
+def write_table(plan, trivial):
+    """table.json (every number, unrounded intervals and differences included) and table.md: the paper's
+    table with each cell's interval, the paired differences per share, and notes on how it was made."""
+    cfg, a = plan.cfg, plan.cfg.args
+    records = Records(plan)
+    rows = table_rows(plan, records)
+    have = {(r['ratio'], r['method'], column_key(c)) for r in rows for c in COLUMNS if r[column_key(c)] is not None}
+    diffs = differences(records, list(cfg.ratios), lambda share, label, k: (share, label, k) in have)
+    records.save()
+    seeds = len(plan.records_files(min(cfg.ratios), METHODS[0][0], 'test'))
+    g = git_info()
     data = {'dataset': a.dataset, 'columns': ['ratio', 'method'] + [f'{m}_{s}' for m, s in COLUMNS], 'rows': rows,
-            'trivial': trivial, 'config': config, 'git': g, 'steps_git': steps_git(plan), 'written': now()}
+            'differences': diffs, 'significance': {**settings(), 'training_seeds': seeds, 'method': METHOD_TEXT},
+            'trivial': trivial, 'config': table_config(cfg), 'git': g, 'steps_git': steps_git(plan),
+            'written': now()}
     epochs = cfg.epochs
     e_text = (f'{epochs["stage1"]} epochs each' if len(set(epochs.values())) == 1 else
               f'Only Accurate {epochs["stage1"]}, Naive-WREL {epochs["naive"]}, LRB stage 2 {epochs["stage2"]}, '
@@ -112,8 +138,10 @@ def write_table(plan, trivial):
         f'every sentence of the split; each method tested at its best val-oIoU checkpoint.',
         f'Swin-{a.swin_type}, {a.img_size} px, batch {a.batch_size}, {e_text}; lr {a.lr:g} '
         f'(stage 2 {a.stage2_lr:g}, stage 3 {a.stage3_lr:g}, bank {a.caption_lr:g}); LRB teacher: the Only-Accurate '
-        f'run\'s {teacher}; seed {a.seed}; {cfg.world} process(es) on {cfg.device}.',
+        f'run\'s {teacher_text(cfg)}; seed {a.seed}; {cfg.world} process(es) on {cfg.device}.',
+        interval_note(seeds),
     ]
+    notes += [f'No interval: {e}.' for e in errors(rows, diffs)[:3]]
     if trivial:
         notes.append('Every pixel predicted as the object scores oIoU {:.2f} / {:.2f} and mIoU {:.2f} / {:.2f} '
                      '(val / test).'.format(trivial['val']['oIoU'], trivial['test']['oIoU'],
@@ -121,7 +149,8 @@ def write_table(plan, trivial):
     ran = sorted({describe_git(v) for v in data['steps_git'].values()})
     notes.append(f"Code: the steps ran at git commit {', '.join(ran) or 'unknown'}; table written at "
                  f'{describe_git(g)}.' if ran != [describe_git(g)] else f'Code: git commit {describe_git(g)}.')
-    markdown = (f'## {a.dataset}: Only Accurate vs Naive-WREL vs LRB-WREL\n\n' + table_markdown(rows, data) + '\n\n'
+    markdown = (f'## {a.dataset}: Only Accurate vs Naive-WREL vs LRB-WREL\n\n' + table_markdown(rows) + '\n\n'
+                + DIFFERENCES_HEAD + '\n\n' + differences_markdown(diffs) + '\n\n'
                 + '\n'.join(f'- {n}' for n in notes) + '\n')
     write_json(cfg.out / 'table.json', data)
     with files.atomic_file(cfg.out / 'table.md') as tmp:
