@@ -24,7 +24,8 @@ is decoded and resized once, and all (image, expression) pairs run through the n
 --batch-size pairs.
 
 Output in --out (built in a temporary folder and moved into place at the end, so the folder is complete or
-untouched; a non-empty --out is refused unless --overwrite), for image i (file stem S) and expression j:
+untouched; a non-empty --out is refused unless --overwrite), for image i (file stem S; -2, -3, ... added until
+the name is unused, ignoring case, when images share a stem) and expression j:
     S_e<j>_mask.png      binary mask at the image's size (0 background, 255 object)
     S_e<j>_overlay.png   the image, the mask in red, the expression written below it
     predictions.jsonl    one JSON line per pair, also printed on stdout once --out is in place:

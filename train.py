@@ -16,8 +16,8 @@ import utils
 from lib.files import guard_run_dir
 from lib.model.build import build_model, dummy_forward
 from lib.training.checkpoint import (
-    check_checkpoint_space, load_checkpoint, load_model_and_bert, restore_training_state, run_file_names,
-    stage1_saver, training_checkpoint)
+    check_checkpoint_space, load_checkpoint, load_model_and_bert, restore_stage1_files, restore_training_state,
+    run_file_names, stage1_saver, training_checkpoint)
 from lib.training.data import build_data
 from lib.training.engine import fit, predict_fn, supervised_step
 from lib.training.launch import end_epoch, launch, start_run
@@ -69,6 +69,7 @@ def run(args, env, batch_size):
     if checkpoint is not None:
         start_epoch, best_oiou = restore_training_state(checkpoint, optimizer, lr_scheduler, args.resume)
         logger.info(f'resumed {args.resume}: continuing at epoch {start_epoch}')
+        restore_stage1_files(checkpoint, args.resume, args.output_dir, args.model_id)  # a kill before the copies
         del checkpoint
     stop_epoch = end_epoch(args, start_epoch)
     if stop_epoch is None:

@@ -25,8 +25,8 @@ import torch
 import utils
 from lib.model.build import build_model, dummy_forward
 from lib.training.checkpoint import (
-    check_checkpoint_space, copy_atomic, load_model_and_bert, load_weights, restore_training_state, save_checkpoint,
-    training_checkpoint)
+    check_checkpoint_space, copy_atomic, load_model_and_bert, load_weights, restore_best_files, restore_training_state,
+    save_checkpoint, training_checkpoint)
 from lib.training.data import build_data
 from lib.training.engine import fit, predict_fn
 from lib.training.launch import end_epoch, launch
@@ -95,6 +95,10 @@ def run(args, env, batch_size):
     bank_optimizer = build_bank_optimizer(bank, args.caption_lr, args)
     bank_scheduler = build_poly_scheduler(bank_optimizer, total_bank_steps)
     logger.info(f'{total_bank_steps} bank steps in {args.epochs} epochs of {len(train_loader)} iterations')
+
+    def best_file(metric):
+        return os.path.join(args.output_dir, f'model_best_{metric}_{args.model_id}.pth')
+
     start_epoch, best = 0, {'oIoU': -0.1, 'mIoU': -0.1}
     if resuming:
         start_epoch, best['oIoU'] = restore_training_state(checkpoint, optimizer, lr_scheduler, args.resume)
@@ -102,6 +106,9 @@ def run(args, env, batch_size):
         bank_optimizer.load_state_dict(checkpoint['bank_optimizer'])
         bank_scheduler.load_state_dict(checkpoint['bank_lr_scheduler'])
         logger.info(f'resumed stage 3 from {args.resume}: continuing at epoch {start_epoch}')
+        # a kill between model_last and the best files: the bank (as resumed) first, then the checkpoint
+        restore_best_files(checkpoint, args.resume, {m: best_file(m) for m in best},
+                           before=lambda m: bank.save(bank_path(args.output_dir, args.model_id, f'{m}_best')))
     del checkpoint
     stop_epoch = end_epoch(args, start_epoch)
     if stop_epoch is None:
@@ -127,12 +134,13 @@ def run(args, env, batch_size):
         state = training_checkpoint(
             student, bert, optimizer, lr_scheduler, epoch, args, best['oIoU'], model_key='student_model',
             teacher_model=teacher.state_dict(), caption_bank=bank.state(), bank_optimizer=bank_optimizer.state_dict(),
-            bank_lr_scheduler=bank_scheduler.state_dict(), best_miou=best['mIoU'], lrb_stage=STAGE)
+            bank_lr_scheduler=bank_scheduler.state_dict(), best_miou=best['mIoU'], lrb_stage=STAGE,
+            best_metrics=sorted(improved))  # for restore_best_files after a kill before the copies
         last = os.path.join(args.output_dir, f'model_last_{args.model_id}.pth')
         save_checkpoint(state, last)
-        for metric in sorted(improved):
-            copy_atomic(last, os.path.join(args.output_dir, f'model_best_{metric}_{args.model_id}.pth'))
+        for metric in sorted(improved):  # the bank first: a best checkpoint of this epoch implies its bank
             bank.save(bank_path(args.output_dir, args.model_id, f'{metric}_best'))
+            copy_atomic(last, best_file(metric))
         logger.info(f'saved {last}' + (f' (best {", ".join(sorted(improved))})' if improved else ''))
 
     check_checkpoint_space(args.output_dir, (student, teacher, bert, bank), [optimizer, bank_optimizer],

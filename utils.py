@@ -147,6 +147,12 @@ def _finite(v):
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def _plain_file_name(v):
+    """A model id goes into file and folder names (model_last_<id>.pth, tb_<id>): one path component."""
+    return (isinstance(v, str) and 0 < len(v) <= 200 and not v.startswith('.') and v.isprintable()
+            and '/' not in v and '\\' not in v)
+
+
 # dest -> (flag as the user types it, test, what it must be)
 FLAG_RULES = {
     'lr': ('--lr', lambda v: _finite(v) and v > 0, 'a finite number > 0'),
@@ -162,31 +168,36 @@ FLAG_RULES = {
     'vis_num': ('--vis_num', lambda v: v >= 0, '>= 0'),
     'caption_inner_steps': ('--caption_inner_steps', lambda v: v >= 1, '>= 1'),
     'caption_update_every': ('--caption_update_every', lambda v: v >= 1, '>= 1'),
+    'model_id': ('--model_id', _plain_file_name, 'a plain file name (not empty, no / or \\, no leading dot, '
+                                                 'printable, <= 200 characters)'),
 }
+ALWAYS_CHECKED = ('model_id',)  # checked by every check_flag_values call: it names files (checkpoints, logs)
 
 
 def check_flag_values(args, names=None):
     """One-line InputError for the first flag of `names` (dests; default: every rule in FLAG_RULES
-    that `args` has) whose value is out of range, e.g. `--lr nan: must be a finite number > 0`.
-    Call it first thing in main() of every script that uses get_parser()."""
-    for name in (names if names is not None else FLAG_RULES):
+    that `args` has; ALWAYS_CHECKED in every call) whose value is out of range, e.g. `--lr nan: must be a
+    finite number > 0`. Call it first thing in main() of every script that uses get_parser()."""
+    for name in ALWAYS_CHECKED + tuple(names if names is not None else FLAG_RULES):
         if not hasattr(args, name):
             continue
         flag, ok, what = FLAG_RULES[name]
         value = getattr(args, name)
         if not ok(value):
-            raise InputError(f'{flag} {value}: must be {what}')
+            shown = (shlex.quote(value) if value.isprintable() else repr(value)) if isinstance(value, str) else value
+            raise InputError(f'{flag} {shown}: must be {what}')
 
 
-def check_input_file(path, flag):
-    """A file the script reads (--resume, weights): one line if it is missing or a directory."""
+def check_input_file(path, flag, hint=''):
+    """A file the script reads (--resume, weights): one line if it is missing or a directory; `hint` (what to
+    do instead) goes in parentheses after it."""
+    more = f' ({hint})' if hint else ''
     if not path:
-        raise InputError(f'{flag}: no file given')
+        raise InputError(f'{flag}: no file given{more}')
     if os.path.isdir(path):
-        raise InputError(f'{flag} {path}: is a directory, not a file')
+        raise InputError(f'{flag} {path}: is a directory, not a file{more}')
     if not os.path.isfile(path):
-        raise InputError(f'{flag} {path}: file not found')
-
+        raise InputError(f'{flag} {path}: file not found{more}')
 
 
 def get_parser():

@@ -182,12 +182,17 @@ def draw_overlay(image, mask, text, min_side=256):
 # --- run ---------------------------------------------------------------------------------------------
 
 def output_stems(paths):
-    """File stems, made unique (a/x.png and b/x.jpg -> x, x-2)."""
-    seen, stems = {}, []
+    """File stems, unique by construction, also on a disk blind to case: a/x.png, b/x.jpg, c/x-2.jpg ->
+    x, x-2, x-2-2 (a suffix is only ever added until the name is free among all names given so far)."""
+    used, stems = set(), []
     for path in paths:
-        stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0] or 'image'
-        seen[stem] = seen.get(stem, 0) + 1
-        stems.append(stem if seen[stem] == 1 else f'{stem}-{seen[stem]}')
+        base = os.path.splitext(os.path.basename(os.path.normpath(path)))[0] or 'image'
+        stem, n = base, 1
+        while stem.casefold() in used:
+            n += 1
+            stem = f'{base}-{n}'
+        used.add(stem.casefold())
+        stems.append(stem)
     return stems
 
 

@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils import InputError
+from utils import InputError, check_input_file
 
 VIEWS = ('all', 'no-mask', 'mask')
 CATEGORY_KEYS = ('category_id', 'categories_id')  # RRSIS-D instances use `categories_id`
@@ -54,8 +54,7 @@ def load_inputs(refs_path, instances_path, images_dir=None, workers=1):
     from refer.refer import category_id_of, load_instances, load_refs
 
     for flag, path in (('--refs', refs_path), ('--instances', instances_path)):
-        if not path.is_file():
-            raise InputError(f'{flag}: {path} does not exist')
+        check_input_file(str(path), flag)  # missing, or a directory
     refs = load_refs(str(refs_path))                  # restricted unpickler; checks the ref keys
     instances = load_instances(str(instances_path))   # checks images / annotations / categories lists
 

@@ -129,7 +129,7 @@ def test_bank_file_errors(tmp_path):
     with pytest.raises(InputError, match='--caption_embedding_path .*nope.pt: file not found'):
         ReferenceBank.from_file(str(tmp_path / 'nope.pt'))
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
-    with pytest.raises(InputError, match='not a readable reference bank'):
+    with pytest.raises(InputError, match='not a torch checkpoint'):
         ReferenceBank.from_file(str(tmp_path / 'junk.pt'))
     torch.save({'model': {}}, tmp_path / 'model.pt')
     with pytest.raises(InputError, match="not a reference bank .*has: model"):

@@ -202,7 +202,7 @@ def test_unrelated_checkpoint_is_rejected(tmp_path):
     with pytest.raises(utils.InputError, match='no tensor matches'):
         build(0, pretrained=str(path))
     path.write_bytes(b'not a checkpoint')
-    with pytest.raises(utils.InputError, match='cannot read'):
+    with pytest.raises(utils.InputError, match='not a torch checkpoint'):
         build(0, pretrained=str(path))
 
 

@@ -7,12 +7,11 @@
 """
 import argparse
 import logging
-import os
 
 import torch
 
 from bert.encoder import encode, load_bert
-from utils import InputError, unwrap_module as unwrap
+from utils import InputError, check_input_file, unwrap_module as unwrap
 
 from . import segmentation
 
@@ -39,9 +38,9 @@ def build_model(args, pretrained=None, checkpoint=None):
         logger.info('Swin window size 12, as the checkpoint\'s weights')
         args = argparse.Namespace(**{**vars(args), 'window12': True})
     pretrained = args.pretrained_swin_weights if pretrained is None else pretrained
-    if pretrained and not os.path.isfile(pretrained):
-        raise InputError(f"--pretrained_swin_weights {pretrained}: file not found "
-                         f"(pass --pretrained_swin_weights '' for random initialisation)")
+    if pretrained:
+        check_input_file(pretrained, '--pretrained_swin_weights',
+                         hint="pass --pretrained_swin_weights '' for random initialisation")
     if args.model == 'lavt':
         bert = load_bert(args.ck_bert)
         bert.pooler = None

@@ -1,7 +1,9 @@
-"""Weights from files: official Swin checkpoints into the backbone, and state_dicts saved by the
-reference code (or this one) into a whole model.
+"""Weights from files: the one safe loader of torch files (`load_torch_file`: checkpoints, Swin weights,
+banks), official Swin checkpoints into the backbone, and state_dicts saved by the reference code (or this
+one) into a whole model.
 """
-import os
+import argparse
+import pickle
 import re
 from collections import Counter
 
@@ -9,20 +11,59 @@ import torch
 from timm.layers import resize_rel_pos_bias_table_simple
 
 import utils
+from utils import InputError
 from .cross_scale import TokenAttention, resize_token_proj, token_counts
 
 # buffers an official Swin file carries that the model recomputes itself
 _DERIVED_KEYS = ('relative_position_index', 'attn_mask')
 
 
-def _read(path, flag):
-    if not os.path.isfile(path):
-        raise utils.InputError(f'{flag} {path}: file not found')
+_TORCH_LEGACY_MAGIC = b'\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19'  # pickled magic number of torch < 1.6 files
+
+
+def _looks_like_torch_file(path):
+    """The zip archive torch.save writes (perhaps truncated) or a legacy torch file."""
+    with open(path, 'rb') as f:
+        head = f.read(len(_TORCH_LEGACY_MAGIC))
+    return head.startswith(b'PK\x03\x04') or head == _TORCH_LEGACY_MAGIC
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:  # torch's weights-only errors put the cause on a later line
+        if ln.startswith('WeightsUnpickler error:'):
+            return ln[len('WeightsUnpickler error:'):].strip()
+    return lines[0] if lines else type(exc).__name__
+
+
+def load_torch_file(path, flag, trust=False):
+    """Load a checkpoint on CPU. Tensors and plain containers only (weights_only), with
+    argparse.Namespace allowed because the reference stores its args that way; `trust=True` allows
+    arbitrary pickles (only for files you made). One-line errors: missing, a directory, not a torch
+    file, truncated, or naming the global the restricted loader refused."""
+    utils.check_input_file(path, flag)
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # corrupt, truncated or not a tensor file
-        raise utils.InputError(f'{flag} {path}: cannot read it as a torch checkpoint ({type(e).__name__}: '
-                               f'{str(e).splitlines()[0] if str(e) else ""})') from None
+        if not _looks_like_torch_file(path):
+            raise InputError(f'{flag} {path}: not a torch checkpoint (neither the zip archive of torch.save '
+                             f'nor a legacy torch file)')
+        if trust:
+            return torch.load(path, map_location='cpu', weights_only=False)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r'GLOBAL ([\w.]+)', str(e))
+        if not trust and refused:
+            raise InputError(f"{flag} {path}: refused to unpickle the global '{refused.group(1)}' (by default "
+                             f"only tensors and plain containers load); add --trust_checkpoint if you trust this "
+                             f"file") from None
+        if not trust and 'Weights only load failed' in str(e):
+            raise InputError(f'{flag} {path}: refused to unpickle ({_first_line(e)}); '
+                             f'add --trust_checkpoint if you trust this file') from None
+        raise InputError(f'{flag} {path}: not a torch checkpoint ({_first_line(e)})') from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError, IndexError, KeyError) as e:
+        raise InputError(f'{flag} {path}: not a readable torch checkpoint, perhaps truncated or damaged '
+                         f'({type(e).__name__}: {_first_line(e)})') from None
 
 
 def strip_prefix(state_dict, prefix='module.'):
@@ -63,7 +104,7 @@ def load_swin_pretrained(backbone, path):
     whose tensors match nothing.
     """
     flag = '--pretrained_swin_weights'
-    checkpoint = _read(path, flag)
+    checkpoint = load_torch_file(path, flag)
     if not isinstance(checkpoint, dict):
         raise utils.InputError(f'{flag} {path}: expected a dict with a "model" state_dict')
     source = swin_state_dict_from_checkpoint(checkpoint)

@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 
 from lib import files
-from utils import InputError
+from utils import InputError, check_input_file
 
 REPO = Path(__file__).resolve().parents[2]  # the repository root: the scripts the steps run (lib/pipeline/../..)
 MODEL_ID = 'RMSIN'
@@ -113,8 +113,8 @@ class Config:
         self.teacher = args.teacher_epoch
         self.window12 = bool(args.window12 or 'window12' in os.path.basename(args.pretrained_swin_weights or ''))
         self.device = args.device
-        self.extra = shlex.split(args.extra_args)
-        self.torchrun_extra = shlex.split(args.torchrun_args)
+        self.extra = split_flags(args.extra_args, '--extra_args')
+        self.torchrun_extra = split_flags(args.torchrun_args, '--torchrun_args')
         self.tokenizer = args.bert_tokenizer or args.ck_bert
 
     @property
@@ -129,6 +129,14 @@ class Config:
 def visible_gpus():
     import torch
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def split_flags(text, flag):
+    """Shell-style split of a flag holding other flags; an unbalanced quote is one line naming `flag`."""
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise InputError(f'{flag} {text!r}: cannot split it like a shell would ({e})') from None
 
 
 def validate(args):
@@ -191,9 +199,9 @@ def validate(args):
     if not (cfg.data / IMAGE_DIRS[args.dataset]).is_dir():
         raise InputError(f'--refer_data_root {args.refer_data_root}: no image folder {IMAGE_DIRS[args.dataset]} in it')
     # weights
-    if args.pretrained_swin_weights and not os.path.isfile(args.pretrained_swin_weights):
-        raise InputError(f"--pretrained_swin_weights {args.pretrained_swin_weights}: file not found (download "
-                         f"swin_base_patch4_window12_384_22k.pth, or pass '' for random initialisation)")
+    if args.pretrained_swin_weights:
+        check_input_file(args.pretrained_swin_weights, '--pretrained_swin_weights',
+                         hint="download swin_base_patch4_window12_384_22k.pth, or pass '' for random initialisation")
     for flag, value in (('--ck_bert', args.ck_bert), ('--bert_tokenizer', cfg.tokenizer)):
         looks_local = os.sep in value or value.startswith('.')
         if looks_local and not os.path.isdir(value):

@@ -26,6 +26,26 @@ def python_env(cfg):
     return env
 
 
+def _libc():
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith('linux') else None
+    except (OSError, ImportError):
+        return None
+
+
+_LIBC = _libc()  # loaded here: between fork and exec a child may not import (another thread may hold the lock)
+
+
+def die_with_parent():
+    """preexec_fn of every step (Linux): the kernel sends the step SIGTERM when reproduce.py dies, even by
+    SIGKILL, so no trainer runs on as an orphan (SIGTERM: a script exits with its one line, torchrun stops
+    its workers). Elsewhere nothing is done."""
+    _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def launcher(cfg, step):
     a = cfg.args
     script = str(REPO / step.script)
@@ -71,7 +91,8 @@ class Runner:
             log.write(f'\n===== {now()} {shlex.join(cmd)}\n')
             log.flush()
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                    errors='replace', env=self.env)
+                                    errors='replace', env=self.env,
+                                    preexec_fn=die_with_parent if _LIBC is not None else None)
             with self.lock:
                 self.procs[step.name] = proc
             try:

@@ -8,15 +8,13 @@ move between the two codebases; `best_oiou` and `rng` are this codebase's resume
 import argparse
 import logging
 import os
-import pickle
-import re
 import shutil
 
 import torch
 
 import utils
 from lib.files import atomic_file, check_free_space, format_bytes
-from lib.model.pretrained import strip_prefix
+from lib.model.pretrained import load_torch_file, strip_prefix
 from utils import InputError, unwrap_module as unwrap
 
 from . import distributed
@@ -57,52 +55,10 @@ def copy_atomic(src, dst):
             shutil.copyfile(src, tmp)
 
 
-_TORCH_LEGACY_MAGIC = b'\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19'  # pickled magic number of torch < 1.6 files
-
-
-def _looks_like_torch_file(path):
-    """The zip archive torch.save writes (perhaps truncated) or a legacy torch file."""
-    with open(path, 'rb') as f:
-        head = f.read(len(_TORCH_LEGACY_MAGIC))
-    return head.startswith(b'PK\x03\x04') or head == _TORCH_LEGACY_MAGIC
-
-
-def _first_line(exc):
-    text = str(exc).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in lines:  # torch's weights-only errors put the cause on a later line
-        if ln.startswith('WeightsUnpickler error:'):
-            return ln[len('WeightsUnpickler error:'):].strip()
-    return lines[0] if lines else type(exc).__name__
-
-
 def load_checkpoint(path, trust=False, flag='--resume'):
-    """Load a checkpoint on CPU. Tensors and plain containers only (weights_only), with
-    argparse.Namespace allowed because the reference stores its args that way; `trust=True` allows
-    arbitrary pickles (only for files you made). One-line errors: missing, a directory, not a torch
-    file, truncated, or naming the global the restricted loader refused."""
-    utils.check_input_file(path, flag)
-    try:
-        if not _looks_like_torch_file(path):
-            raise InputError(f'{flag} {path}: not a torch checkpoint (neither the zip archive of torch.save '
-                             f'nor a legacy torch file)')
-        if trust:
-            return torch.load(path, map_location='cpu', weights_only=False)
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        refused = re.search(r'GLOBAL ([\w.]+)', str(e))
-        if not trust and refused:
-            raise InputError(f"{flag} {path}: refused to unpickle the global '{refused.group(1)}' (by default "
-                             f"only tensors and plain containers load); add --trust_checkpoint if you trust this "
-                             f"file") from None
-        if not trust and 'Weights only load failed' in str(e):
-            raise InputError(f'{flag} {path}: refused to unpickle ({_first_line(e)}); '
-                             f'add --trust_checkpoint if you trust this file') from None
-        raise InputError(f'{flag} {path}: not a torch checkpoint ({_first_line(e)})') from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError, IndexError) as e:
-        raise InputError(f'{flag} {path}: not a readable torch checkpoint, perhaps truncated or damaged '
-                         f'({type(e).__name__}: {_first_line(e)})') from None
+    """Load a checkpoint on CPU: lib.model.pretrained.load_torch_file, the one loader of every torch file a
+    script reads (checkpoints, Swin weights, banks) and its one-line errors."""
+    return load_torch_file(path, flag, trust=trust)
 
 
 def check_state_dict(module, state_dict):
@@ -211,14 +167,63 @@ def checkpoint_paths(output_dir, model_id, epoch):
 
 
 def save_epoch_checkpoints(state, output_dir, model_id, epoch, is_best):
-    """Write model_last (+ model_best when improved, + model_epoch_<N>): one torch.save, then copies."""
+    """Write model_last (+ model_best when improved, + model_epoch_<N>): one torch.save, then copies.
+    model_last records (`best_metrics`) that it is the best epoch, so that a run killed before the copies
+    finish gets them back on --resume (restore_best_files)."""
     paths = checkpoint_paths(output_dir, model_id, epoch)
+    state['best_metrics'] = ['oIoU'] if is_best else []
     save_checkpoint(state, paths['last'])
     if is_best:
         copy_atomic(paths['last'], paths['best'])
     if 'epoch' in paths:
         copy_atomic(paths['last'], paths['epoch'])
     return paths
+
+
+def _stored_epoch(path):
+    """The 'epoch' of the checkpoint at `path` (tensors memory-mapped, not read); None when there is no
+    file, -1 when it cannot be read."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            epoch = torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('epoch')
+        return epoch if isinstance(epoch, int) else -1
+    except Exception:  # noqa: BLE001 - damaged or foreign: replaced by the resumed best epoch
+        return -1
+
+
+def restore_best_files(checkpoint, source, best_files, before=None):
+    """On --resume: a run killed after writing model_last but before copying it to a best file left that
+    file missing (or an earlier epoch's), and the later epochs may never beat it. For each metric the
+    resumed checkpoint is the best epoch of (`best_metrics`), copy `source` to its file in `best_files`
+    {metric: path} when that holds an earlier epoch or none; `before(metric)`, when given, first writes
+    what goes with it (stage 3's best bank). -> the paths restored."""
+    epoch, restored = checkpoint.get('epoch'), []
+    if not isinstance(epoch, int):
+        return restored
+    for metric in checkpoint.get('best_metrics') or ():
+        path = best_files.get(metric)
+        held = _stored_epoch(path) if path else epoch
+        if held is not None and held >= epoch:
+            continue
+        if before is not None:
+            before(metric)
+        copy_atomic(source, path)
+        restored.append(path)
+        logger.info(f'restored {path} from {source} (epoch {epoch}, the best {metric} so far): '
+                    f'the run that wrote it was stopped before the copy')
+    return restored
+
+
+def restore_stage1_files(checkpoint, source, output_dir, model_id):
+    """restore_best_files for train.py, and its model_epoch_<N> of the resumed epoch when missing."""
+    epoch = checkpoint.get('epoch')
+    paths = checkpoint_paths(output_dir, model_id, epoch) if isinstance(epoch, int) else {}
+    restore_best_files(checkpoint, source, {'oIoU': paths['best']} if paths else {})
+    if 'epoch' in paths and not os.path.isfile(paths['epoch']):
+        copy_atomic(source, paths['epoch'])
+        logger.info(f"restored {paths['epoch']} from {source}: the run that wrote it was stopped before the copy")
 
 
 def run_file_names(model_id, epochs, start_epoch=0):

@@ -20,7 +20,7 @@ from lib.model.build import text_encoder_of, text_features
 from utils import InputError
 
 from .. import distributed
-from ..checkpoint import save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..optim import build_optimizer
 
 logger = logging.getLogger('lrb')
@@ -151,13 +151,7 @@ class ReferenceBank(nn.Module):
     def from_file(cls, path, flag='--caption_embedding_path'):
         if not path:
             raise InputError(f'{flag}: no reference bank given (stage 2 writes caption_embeddings_<id>.pt)')
-        if not os.path.isfile(path):
-            raise InputError(f'{flag} {path}: file not found')
-        try:
-            state = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input problem
-            raise InputError(f'{flag} {path}: not a readable reference bank ({type(e).__name__}: '
-                             f'{str(e).splitlines()[0] if str(e) else ""})') from None
+        state = load_checkpoint(path, flag=flag)  # one-line errors: a directory, not a torch file, ...
         return cls.from_state(state, f'{flag} {path}')
 
     # --- checks ------------------------------------------------------------------------------

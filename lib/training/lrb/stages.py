@@ -63,8 +63,30 @@ def open_stage_run(args, env, batch_size, stage):
     start_run(args, env, batch_size)
     checkpoint = load_checkpoint(args.resume, trust=args.trust_checkpoint)
     resuming = checkpoint_stage(checkpoint) == stage
+    check_stage_keys(checkpoint, args.resume, stage if resuming else None)
     guard_stage_run(args, stage, resuming)
     return checkpoint, resuming
+
+
+# what the stage scripts read from --resume: a stage-1 teacher (None) or a stage-2 / stage-3 run to continue
+STAGE_KEYS = {
+    None: ('model', 'bert_model'),
+    2: ('model', 'bert_model', 'caption_bank', 'optimizer', 'lr_scheduler', 'epoch'),
+    3: ('student_model', 'bert_model', 'teacher_model', 'caption_bank', 'optimizer', 'lr_scheduler',
+        'bank_optimizer', 'bank_lr_scheduler', 'epoch'),
+}
+
+
+def check_stage_keys(checkpoint, path, stage):
+    """One line naming the first key of STAGE_KEYS[stage] that --resume lacks, before anything is built."""
+    if not isinstance(checkpoint, dict):
+        raise InputError(f'--resume {path}: not a checkpoint dictionary ({type(checkpoint).__name__})')
+    what = f'a stage-{stage} checkpoint to continue' if stage else 'the stage-1 teacher checkpoint'
+    for key in STAGE_KEYS[stage]:
+        if key not in checkpoint:
+            has = sorted(map(str, checkpoint))
+            raise InputError(f"--resume {path}: no '{key}' entry, which {what} needs (has: "
+                             f"{', '.join(has[:12]) + (', ...' if len(has) > 12 else '') or 'nothing'})")
 
 
 def bank_predict_fn(model, bert, bank, amp=False):
