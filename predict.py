@@ -39,7 +39,7 @@ import logging
 from pathlib import Path
 
 import utils
-from lib.files import atomic_file, atomic_output_dir
+from lib.files import atomic_output_dir, write_text_atomic
 from lib.inference import (MODEL_FLAGS, Predictor, build, open_image, predict_all, resolve_model_flags,
                            stored_model_flags, warn_truncated)
 from lib.training.checkpoint import load_checkpoint, pick_model_state
@@ -140,8 +140,7 @@ def run(args, given):
         warn_truncated(predictor, args.expression, predictor.encode(args.expression)[2])
         records = predict_all(predictor, args.image, args.expression, Path(tmp), args.batch_size)
         lines = [json.dumps(r) for r in records]
-        with atomic_file(Path(tmp) / 'predictions.jsonl') as f:
-            f.write_text(''.join(line + '\n' for line in lines))
+        write_text_atomic(Path(tmp) / 'predictions.jsonl', ''.join(line + '\n' for line in lines))
     for line in lines:
         print(line, flush=True)
     logger.info(f'{len(records)} masks and overlays written to {args.out}')

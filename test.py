@@ -17,7 +17,7 @@ import os
 import utils
 from lib.evaluation.breakdown import breakdown_markdown
 from lib.evaluation.records import SentenceRecords, breakdown_path, records_path
-from lib.files import atomic_file, check_writable_dir, guard_output_dir, guard_output_file
+from lib.files import check_writable_dir, guard_output_dir, guard_output_file, write_text_atomic
 from lib.model.build import build_model
 from lib.training.checkpoint import load_checkpoint, load_model_and_bert
 from lib.training.data import build_eval_loader
@@ -41,16 +41,6 @@ def companion_paths(args):
     """The files written beside the metrics JSON: the records, and with --breakdown the tables."""
     out = results_path(args)
     return [records_path(out)] + ([breakdown_path(out)] if args.breakdown else [])
-
-
-def write_json_atomic(data, path):
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2))
-
-
-def write_text_atomic(text, path):
-    with atomic_file(path) as tmp:
-        tmp.write_text(text)
 
 
 def build_parser():
@@ -117,10 +107,10 @@ def run(args, env):
         records.save(records_path(out))  # before the JSON: a finished JSON means its records exist
         if args.breakdown:
             name = os.path.splitext(os.path.basename(args.resume))[0]
-            write_text_atomic(breakdown_markdown({name: [records]}), breakdown_path(out))
-        write_json_atomic({**meta, 'processes': env.world_size, **summary,
-                           'sentences': [{'index': k[0], 'sentence': k[1], 'I': i, 'U': u}
-                                         for k, i, u, *_ in meter.records]}, out)
+            write_text_atomic(breakdown_path(out), breakdown_markdown({name: [records]}))
+        write_text_atomic(out, json.dumps({**meta, 'processes': env.world_size, **summary,
+                                           'sentences': [{'index': k[0], 'sentence': k[1], 'I': i, 'U': u}
+                                                         for k, i, u, *_ in meter.records]}, indent=2))
         logger.info(f'metrics written to {out}, per-sentence records to {records_path(out)}'
                     + (f', breakdown to {breakdown_path(out)}' if args.breakdown else ''))
         if vis is not None:

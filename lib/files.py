@@ -250,6 +250,12 @@ def atomic_file(path):
             tmp.unlink()
 
 
+
+def write_text_atomic(path, text):
+    """`text` into `path` through `atomic_file`: the whole file or, on failure, the previous one."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
 def _check_output_dir(out, overwrite, flag):
     if out.exists() and not out.is_dir():
         raise InputError(f"{flag} {out}: exists and is not a directory")

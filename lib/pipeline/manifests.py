@@ -23,8 +23,7 @@ def read_json(path):
 
 
 def write_json(path, data):
-    with files.atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, default=str) + '\n')
+    files.write_text_atomic(path, json.dumps(data, indent=1, default=str) + '\n')
 
 
 def canonical_args(args, out):

@@ -153,6 +153,5 @@ def write_table(plan, trivial):
                 + DIFFERENCES_HEAD + '\n\n' + differences_markdown(diffs) + '\n\n'
                 + '\n'.join(f'- {n}' for n in notes) + '\n')
     write_json(cfg.out / 'table.json', data)
-    with files.atomic_file(cfg.out / 'table.md') as tmp:
-        tmp.write_text(markdown)
+    files.write_text_atomic(cfg.out / 'table.md', markdown)
     return markdown

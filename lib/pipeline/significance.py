@@ -219,7 +219,6 @@ def write_breakdown(plan):
         sections.append(f"{title}\n\n{got.get('markdown') or 'No breakdown: ' + got['error']}\n")
     records.save()
     path = plan.cfg.out / BREAKDOWN_FILE
-    with files.atomic_file(path) as tmp:
-        tmp.write_text(f'# {plan.cfg.args.dataset}: each method per category and per object size\n\n'
-                       + '\n'.join(sections))
+    files.write_text_atomic(path, f'# {plan.cfg.args.dataset}: each method per category and per object size\n\n'
+                            + '\n'.join(sections))
     return path
