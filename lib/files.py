@@ -216,6 +216,7 @@ def write_error(path, exc, tmp=None):
     """OutputError 'cannot write PATH: cause' for an OSError met while writing `path`."""
     cause = exc.strerror or str(exc) or type(exc).__name__
     other = getattr(exc, 'filename', None)
+    other = os.fsdecode(other) if isinstance(other, bytes) else other  # TensorBoard's writer says b'...'
     extra = f" ('{other}')" if other and str(other) not in (str(path), str(tmp)) else ''
     if exc.errno == errno.ENOSPC:
         with contextlib.suppress(OSError):

@@ -25,16 +25,19 @@ MODEL_FLAGS = ('model', 'swin_type', 'img_size', 'window12', 'mha', 'cross_scale
 # --- images ---------------------------------------------------------------------------------------
 
 def open_image(path, decode=True):
-    """RGB PIL image with its EXIF orientation applied; with decode=False only (width, height) from the
-    header (cheap). A missing or unreadable file is a one-line InputError."""
+    """8-bit RGB PIL image (refer.images.to_rgb: 16-bit, palette, CMYK, ... alike) with its EXIF orientation
+    applied; with decode=False only (width, height) from the header (cheap). A missing or unreadable file,
+    or a mode with no 8-bit RGB rendering, is a one-line InputError."""
     from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from refer.images import to_rgb
     if os.path.isdir(path):
         raise utils.InputError(f'--image {path}: is a directory, not an image')
     try:
         with Image.open(path) as image:
             if not decode:
                 return image.size
-            return ImageOps.exif_transpose(image).convert('RGB')
+            return to_rgb(ImageOps.exif_transpose(image))
     except FileNotFoundError:
         raise utils.InputError(f'--image {path}: file not found') from None
     except UnidentifiedImageError:

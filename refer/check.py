@@ -11,9 +11,10 @@ One pass over a split's data (seconds on RRSIS-D; parallel on a process pool, tq
   check_split_data(refer, refs, workers=N)    ReferDataset (so train.py, test.py and every script
                                               built on build_dataset): every mask decodes to its
                                               image's size, every image header reads, at the size
-                                              instances.json gives
+                                              instances.json gives, in a mode refer.images decodes;
+                                              no train ref has an empty mask or a blank expression
   check_masks(refs, anns, images, ...)        mask_train_only.py (masks only; it needs no images)
-Pure helpers: segmentation_problem(segmentation, height, width), image_problem(path, width, height).
+Pure helpers: segmentation_problem, mask_problem (segmentation, height, width); images.image_problem.
 """
 import logging
 import math
@@ -26,6 +27,8 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from utils import InputError
+
+from .images import image_problem
 
 logger = logging.getLogger('lrb')
 
@@ -167,8 +170,13 @@ def check_ref_links(refs, anns, refs_file, instances_file, images=None, categori
 
 
 def compressed_rle_total(counts):
-    """Pixels covered by a COCO compressed RLE string (what pycocotools' rleFrString reads), or None
-    when it is not a valid one: a character out of range, a truncated value, a negative run."""
+    """Pixels covered by a COCO compressed RLE string (what pycocotools' rleFrString reads); None if invalid."""
+    return None if (runs := compressed_rle_runs(counts)) is None else int(runs.sum())
+
+
+def compressed_rle_runs(counts):
+    """The run lengths (int64, background first) of a COCO compressed RLE string, or None when it is not a
+    valid one: a character out of range, a truncated value, a negative run."""
     if isinstance(counts, str):
         try:
             counts = counts.encode('ascii')
@@ -176,7 +184,7 @@ def compressed_rle_total(counts):
             return None
     c = np.frombuffer(counts, dtype=np.uint8).astype(np.int64) - 48
     if c.size == 0:
-        return 0
+        return np.zeros(0, dtype=np.int64)
     if c.min() < 0 or c.max() > 63 or c[-1] & 0x20:
         return None
     ends = np.flatnonzero((c & 0x20) == 0)                 # last character of each value
@@ -193,7 +201,7 @@ def compressed_rle_total(counts):
     runs[2::2] = np.cumsum(values[2::2])
     if runs.min() < 0 or runs.max() >= 2 ** 32:
         return None
-    return int(runs.sum())
+    return runs
 
 
 def _polygon_problem(segmentation):
@@ -216,34 +224,36 @@ def _polygon_problem(segmentation):
 
 
 def _rle_problem(rle, height, width):
+    """(what keeps the RLE from decoding, or None; its foreground pixels, or None when it does not decode)."""
     size, counts = rle.get('size'), rle.get('counts')
     if size is None or counts is None:
-        return f"'segmentation' RLE has no '{'size' if size is None else 'counts'}'"
+        return f"'segmentation' RLE has no '{'size' if size is None else 'counts'}'", None
     if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(type(s) is int and s > 0 for s in size)):
-        return f"'segmentation' RLE size {size!r:.40} is not [height, width]"
+        return f"'segmentation' RLE size {size!r:.40} is not [height, width]", None
     h, w = size
     if height is not None and width is not None and (h, w) != (height, width):
-        return f"'segmentation' RLE size [{h}, {w}] differs from its image's [height, width] [{height}, {width}]"
+        return f"'segmentation' RLE size [{h}, {w}] differs from its image's [height, width] [{height}, {width}]", None
     if isinstance(counts, list):
         if not all(type(n) is int and n >= 0 for n in counts):
-            return "'segmentation' RLE counts must be non-negative integers"
-        total = sum(counts)
+            return "'segmentation' RLE counts must be non-negative integers", None
+        total, foreground = sum(counts), sum(counts[1::2])
     elif isinstance(counts, (str, bytes)):
-        total = compressed_rle_total(counts)
-        if total is None:
-            return "'segmentation' RLE counts is not a valid compressed RLE string"
+        runs = compressed_rle_runs(counts)
+        if runs is None:
+            return "'segmentation' RLE counts is not a valid compressed RLE string", None
+        total, foreground = int(runs.sum()), int(runs[1::2].sum())
     else:
-        return f"'segmentation' RLE counts is {_kind(counts)}, not a list or a string"
+        return f"'segmentation' RLE counts is {_kind(counts)}, not a list or a string", None
     if total != h * w:
-        return f"'segmentation' RLE counts cover {total} pixels, not height x width = {h * w}"
-    return None
+        return f"'segmentation' RLE counts cover {total} pixels, not height x width = {h * w}", None
+    return None, foreground
 
 
 def segmentation_problem(segmentation, height, width):
     """What keeps `segmentation` (polygons, uncompressed or compressed RLE) from decoding to a
     height x width mask, as text starting with the field; None when it decodes."""
     if isinstance(segmentation, dict):
-        return _rle_problem(segmentation, height, width)
+        return _rle_problem(segmentation, height, width)[0]
     if isinstance(segmentation, list):
         if height is None or width is None:
             return "'segmentation' is polygons, but the image has no 'height' and 'width' to draw them at"
@@ -253,26 +263,15 @@ def segmentation_problem(segmentation, height, width):
     return f"'segmentation' is {_kind(segmentation)}, not polygons or RLE"
 
 
-# ------------------------------------------------------------------------------------------------
-# images
-
-
-def image_problem(path, width=None, height=None):
-    """What keeps the image at `path` from loading at width x height, from its header alone (no
-    pixel decoding); None when it is fine."""
-    from PIL import Image
-    try:
-        with Image.open(path) as image:
-            size = image.size
-    except FileNotFoundError:
-        return 'not found'
-    except IsADirectoryError:
-        return 'is a directory'
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
-        return f'cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})'
-    if width is not None and height is not None and size != (width, height):
-        return f'is {size[0]}x{size[1]} (width x height), but instances.json says {width}x{height}'
-    return None
+def mask_problem(segmentation, height, width):
+    """(segmentation_problem's text or None; whether the mask is empty: an RLE without foreground, or
+    polygons all wholly outside the image, from their bounds, nothing drawn), in one pass."""
+    if isinstance(segmentation, dict):
+        problem, foreground = _rle_problem(segmentation, height, width)
+        return problem, foreground == 0
+    problem = segmentation_problem(segmentation, height, width)
+    return problem, problem is None and not any(
+        max(p[0::2]) > 0 and min(p[0::2]) < width and max(p[1::2]) > 0 and min(p[1::2]) < height for p in segmentation)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,13 +279,15 @@ def image_problem(path, width=None, height=None):
 
 
 def _check_task(task):
-    """(ref_id, image_id, ann_id, image_path | None, width, height, segmentation | None) -> problems."""
+    """(ref, image, ann ids, image path | None, width, height, (segmentation, train?) | None) -> problems."""
     ref_id, image_id, ann_id, path, width, height, segmentation, instances_file = task
     problems = []
     if segmentation is not None:
-        problem = segmentation_problem(segmentation[0], height, width)
+        problem, empty = mask_problem(segmentation[0], height, width)
         if problem:
             problems.append(f"instances file '{instances_file}': annotation {ann_id} (ref {ref_id}): {problem}")
+        elif empty and segmentation[1]:
+            problems.append(('empty', ann_id))  # not a line: _check counts these per train ref
     if path is not None:
         problem = image_problem(path, width, height)
         if problem == 'not found':
@@ -336,6 +337,7 @@ def _run(tasks, workers, desc):
 
 def _tasks(refs, anns, images, image_dir, instances_file, check_images=True, check_masks=True):
     tasks, seen_images, seen_anns = [], set(), set()
+    train_anns = {ref['ann_id'] for ref in refs if ref['split'] == 'train'}
     n_images = n_masks = 0
     for ref in refs:
         ann_id, image_id = ref['ann_id'], ref['image_id']
@@ -348,7 +350,7 @@ def _tasks(refs, anns, images, image_dir, instances_file, check_images=True, che
         segmentation = None
         if check_masks and ann_id not in seen_anns:
             seen_anns.add(ann_id)
-            segmentation = (ann.get('segmentation'),)
+            segmentation = (ann.get('segmentation'), ann_id in train_anns)
             n_masks += 1
         if path is not None or segmentation is not None:
             tasks.append((ref['ref_id'], image_id, ann_id, path, image.get('width'), image.get('height'),
@@ -356,13 +358,27 @@ def _tasks(refs, anns, images, image_dir, instances_file, check_images=True, che
     return tasks, n_images, n_masks
 
 
-def _check(refs, anns, images, image_dir, instances_file, workers, label, check_images, check_masks):
+def _refuse(refs, where, what):
+    if refs:
+        raise InputError(f"{where}: {len(refs)} train ref(s) with {what}, e.g. ref {refs[0]['ref_id']} "
+                         f"(annotation {refs[0]['ann_id']}); fix or remove them")
+
+
+def _check(refs, anns, images, image_dir, instances_file, workers, label, check_images, check_masks,
+           refs_file='the refs file'):
     tic = time.perf_counter()
+    train = [r for r in refs if r['split'] == 'train']
+    _refuse([r for r in train if any(not s['raw'].strip() for s in r['sentences'])], f"refs file '{refs_file}'",
+            "an empty expression ('' or only spaces)")
     tasks, n_images, n_masks = _tasks(refs, anns, images, image_dir, instances_file, check_images, check_masks)
     problems = _run(tasks, workers, f'checking {label}')
-    if problems:
-        more = f' (and {len(problems) - 1} more problems in {label})' if len(problems) > 1 else ''
-        raise InputError(problems[0] + more)
+    errors = [p for p in problems if isinstance(p, str)]
+    if errors:
+        more = f' (and {len(errors) - 1} more problems in {label})' if len(errors) > 1 else ''
+        raise InputError(errors[0] + more)
+    empty = {p[1] for p in problems if not isinstance(p, str)}
+    _refuse([r for r in train if r['ann_id'] in empty], f"instances file '{instances_file}'",
+            'an empty mask (its polygons wholly outside the image, or an RLE without foreground)')
     what = ' and '.join(s for s in (f'{n_masks} masks' if check_masks else '',
                                     f'{n_images} image headers' if check_images else '') if s)
     logger.info(f'data check: {label}: {what} fine ({time.perf_counter() - tic:.1f}s)')
@@ -371,12 +387,14 @@ def _check(refs, anns, images, image_dir, instances_file, workers, label, check_
 
 def check_split_data(refer, refs, workers=0, label='data'):
     """Every ref's mask decodes at its image's size and every image header reads at the size
-    instances.json gives, in one pass (a process pool of min(workers, CPUs) for large splits).
-    One InputError naming the first problem and how many more there are. -> (masks, images) checked."""
+    instances.json gives and in a mode refer.images decodes, in one pass (a process pool of min(workers,
+    CPUs) for large splits); no train ref has an empty mask or a blank expression. One InputError naming
+    the first problem and how many more there are. -> (masks, images) checked."""
     return _check(refs, refer.Anns, refer.Imgs, refer.IMAGE_DIR, refer.instances_file, workers, label,
-                  check_images=True, check_masks=True)
+                  check_images=True, check_masks=True, refs_file=refer.refs_file)
 
 
-def check_masks(refs, anns, images, instances_file, workers=0, label='masks'):
+def check_masks(refs, anns, images, instances_file, workers=0, label='masks', refs_file='the refs file'):
     """Masks only (no image files), for scripts that never open the images (mask_train_only.py)."""
-    return _check(refs, anns, images, '', instances_file, workers, label, check_images=False, check_masks=True)
+    return _check(refs, anns, images, '', instances_file, workers, label, check_images=False, check_masks=True,
+                  refs_file=refs_file)

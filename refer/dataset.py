@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from utils import InputError
 
 from .check import available_cpus, check_split_data
+from .images import open_rgb
 from .refer import REFER, category_id_of
 from .transforms import add_random_boxes, build_transform
 
@@ -113,11 +114,10 @@ class ReferDataset(Dataset):
     def load_image(self, ref):
         path = self.refer.image_path(ref)
         try:
-            with Image.open(path) as image:
-                return image.convert('RGB')
+            return open_rgb(path)  # 8-bit RGB from any mode (refer.images)
         except FileNotFoundError:
             raise InputError(f"image file '{path}' of ref {ref['ref_id']} not found") from None
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise InputError(f"image file '{path}' of ref {ref['ref_id']} cannot be read ({e})") from None
 
     def __getitem__(self, index):

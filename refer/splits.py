@@ -83,7 +83,8 @@ def load_inputs(refs_path, instances_path, images_dir=None, workers=1):
     anns_by_id = {ann['id']: ann for ann in anns}
     images_by_id = {image['id']: image for image in instances['images']}
     check_ref_links(refs, anns_by_id, refs_path, instances_path, images=images_by_id)
-    check_masks(refs, anns_by_id, images_by_id, instances_path, workers=workers, label='the refs\' masks')
+    check_masks(refs, anns_by_id, images_by_id, instances_path, workers=workers, label='the refs\' masks',
+                refs_file=refs_path)
     return Inputs(refs, instances, ann_category, cat_names,
                   images_dir if images_dir is not None and images_dir.is_dir() else None)
 

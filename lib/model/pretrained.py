@@ -37,20 +37,32 @@ def _first_line(exc):
     return lines[0] if lines else type(exc).__name__
 
 
+def non_finite_tensors(obj, where=''):
+    """Where (`['model']['layer.weight']`, in file order) the floating-point tensors inside `obj` (nested dicts,
+    lists and tuples) hold NaN or inf."""
+    if torch.is_tensor(obj):  # a finite sum means finite values (NaN and inf propagate): the fast path
+        finite = not (obj.is_floating_point() or obj.is_complex()) or bool(torch.isfinite(obj.sum()))
+        return [] if finite or torch.isfinite(obj).all() else [where]
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [w for key, value in items for w in non_finite_tensors(value, f'{where}[{key!r}]')]
+
+
 def load_torch_file(path, flag, trust=False):
     """Load a checkpoint on CPU. Tensors and plain containers only (weights_only), with
     argparse.Namespace allowed because the reference stores its args that way; `trust=True` allows
     arbitrary pickles (only for files you made). One-line errors: missing, a directory, not a torch
-    file, truncated, or naming the global the restricted loader refused."""
+    file, truncated, naming the global the restricted loader refused, or naming the first tensor that
+    holds NaN or inf (weights, optimizer states, banks: a diverged run's file is refused, not used)."""
     utils.check_input_file(path, flag)
     try:
         if not _looks_like_torch_file(path):
             raise InputError(f'{flag} {path}: not a torch checkpoint (neither the zip archive of torch.save '
                              f'nor a legacy torch file)')
         if trust:
-            return torch.load(path, map_location='cpu', weights_only=False)
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            loaded = torch.load(path, map_location='cpu', weights_only=False)
+        else:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                loaded = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         refused = re.search(r'GLOBAL ([\w.]+)', str(e))
         if not trust and refused:
@@ -64,6 +76,12 @@ def load_torch_file(path, flag, trust=False):
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError, IndexError, KeyError) as e:
         raise InputError(f'{flag} {path}: not a readable torch checkpoint, perhaps truncated or damaged '
                          f'({type(e).__name__}: {_first_line(e)})') from None
+    bad = non_finite_tensors(loaded)
+    if bad:
+        more = f' (and {len(bad) - 1} more tensors)' if len(bad) > 1 else ''
+        raise InputError(f'{flag} {path}: non-finite values (NaN or inf) in {bad[0]}{more}, from a diverged '
+                         f'run or a damaged file; refused')
+    return loaded
 
 
 def strip_prefix(state_dict, prefix='module.'):

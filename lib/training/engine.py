@@ -10,12 +10,14 @@ Epochs are numbered from 0 and the checkpoint's `epoch` is the last finished one
 import contextlib
 import datetime
 import logging
+import math
 import time
 
 import torch
 from tqdm import tqdm
 
 from lib.model.build import segment
+from utils import InputError
 
 from . import distributed
 from .metrics import RefSegMeter, format_results, tensor_keys
@@ -63,12 +65,15 @@ def train_one_epoch(step_fn, loader, optimizer, lr_scheduler, epoch, *, device, 
       after_backward(i, batch) between backward and optimizer step, e.g. syncing the bank's gradient
       after_step(i, batch)    after the optimizer step, e.g. the EMA teacher update
     Modes (train/eval) of the modules are the caller's business. Returns the mean loss.
-    No host synchronisation per iteration: the loss is read back only every `print_freq` steps.
+    No host synchronisation per iteration: the loss is read back only every `print_freq` steps, and a
+    non-finite one then stops the run (InputError naming the epoch and the first such iteration), before
+    any checkpoint of this epoch is written.
     """
     num_iters = len(loader)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     window_sum = torch.zeros((), dtype=torch.float64, device=device)
     window_n = 0
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first iteration of a non-finite loss
     start = time.time()
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(_progress(loader, f'Epoch {epoch}', num_iters)):
@@ -89,9 +94,14 @@ def train_one_epoch(step_fn, loader, optimizer, lr_scheduler, epoch, *, device, 
         loss_sum += loss.detach()
         window_sum += loss.detach()
         window_n += 1
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), i, first_bad)  # on the device
         if (i + 1) % max(1, print_freq) == 0 or i + 1 == num_iters:
             lr = optimizer.param_groups[0]['lr']
             avg = window_sum.item() / window_n
+            if not math.isfinite(avg):
+                raise InputError(f'the training loss is not finite ({avg}) at epoch {epoch}, iteration '
+                                 f'{int(first_bad) + 1}/{num_iters}: the run diverged and this epoch is not saved '
+                                 f'(try a lower --lr)')
             elapsed = time.time() - start
             eta = elapsed / (i + 1) * (num_iters - i - 1)
             logger.info(f'Epoch: [{epoch}] [{i + 1}/{num_iters}] loss: {avg:.4f} lr: {lr:.3e} '

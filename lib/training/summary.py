@@ -1,6 +1,12 @@
 """TensorBoard logging of a training run: a writer on rank 0 whose folder appears only at the first
-write, and whose write errors are one line naming the log folder."""
+write, and whose write errors are one line naming the log folder.
+
+TensorBoard writes from a thread of its own; an OSError there (a folder gone, read-only or full) is kept by
+the thread and raised by the next call in the main thread, which makes it our one line. The thread would
+also print its traceback first: `_quiet_writer_threads` drops that print (for TensorBoard's writer thread
+and OSError only), and `close` flushes first, so that an error in the last writes is not lost."""
 import os
+import threading
 
 from lib.files import write_error
 
@@ -24,6 +30,7 @@ class LazySummaryWriter:
                         if name.startswith('events.out.tfevents.'):
                             os.unlink(os.path.join(self.log_dir, name))
                 self._writer = SummaryWriter(log_dir=self.log_dir)
+                _quiet_writer_threads()
             except OSError as e:
                 raise write_error(self.log_dir, e) from None
         return self._writer
@@ -42,7 +49,26 @@ class LazySummaryWriter:
 
     def close(self):
         if self._writer is not None:
-            self._writer.close()
+            try:
+                self._writer.flush()  # raises what the writer thread met: close() itself would not
+                self._writer.close()
+            except OSError as e:
+                raise write_error(self.log_dir, e) from None
+
+
+def _quiet_writer_threads():
+    """Leave TensorBoard's writer-thread OSErrors to the main thread's next call (no traceback); idempotent."""
+    previous = threading.excepthook
+    if getattr(previous, 'lrb_quiet_tensorboard', False):
+        return
+
+    def hook(args):
+        thread = type(args.thread)
+        if not (thread.__name__ == '_AsyncWriterThread' and thread.__module__.startswith('tensorboard')
+                and isinstance(args.exc_value, OSError)):
+            previous(args)
+    hook.lrb_quiet_tensorboard = True
+    threading.excepthook = hook
 
 
 def make_writer(output_dir, model_id, fresh=False):
