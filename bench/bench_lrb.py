@@ -14,6 +14,7 @@ import copy
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,12 +31,16 @@ from lib.training.optim import build_optimizer, build_param_groups, build_poly_s
 
 
 def get_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def build_parser():
     parser = bench_train.build_parser()
     parser.description = 'LRB stage iterations against a stage-1 step'
     parser.add_argument('--bank_refs', default=2000, type=int, help='rows of the reference bank')
     parser.add_argument('--weak_share', default=0.75, type=float, help='share of each batch that is weak')
     parser.add_argument('--rounds', default=2, type=int, help='alternating rounds; the fastest counts')
-    return parser.parse_args(argv)
+    return parser
 
 
 def _sync(device):
@@ -43,9 +48,10 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure(args):
-    """-> {'stage1_ms', 'stage2_ms', 'stage3_ms', 'fill_ms', 'stage3_over_stage1', 'fill_share_of_stage3',
-    'peak_memory_mib', 'device_name'}"""
+def build_stages(args):
+    """The three stages' real code on one synthetic batch -> namespace: device, batch, bank, text (BERT),
+    n (steps per variant call), optimizers (model's AdamW, bank's AdamW), variants {'stage1', 'stage2',
+    'stage3': a callable running n steps of that stage through engine.train_one_epoch}."""
     env = distributed.init_distributed(args.device)
     distributed.seed_everything(args.seed)
     device = env.device
@@ -91,6 +97,15 @@ def measure(args):
     }
     model.train()
     bert.eval()
+    return SimpleNamespace(device=device, batch=batch, bank=bank, text=text, n=n, optimizers=(optimizer, bank_opt),
+                           variants=variants)
+
+
+def measure(args):
+    """-> {'stage1_ms', 'stage2_ms', 'stage3_ms', 'fill_ms', 'stage3_over_stage1', 'fill_share_of_stage3',
+    'peak_memory_mib', 'device_name'}"""
+    s = build_stages(args)
+    device, batch, bank, text, n, variants = s.device, s.batch, s.bank, s.text, s.n, s.variants
     times = {k: float('inf') for k in variants}
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()

@@ -71,12 +71,9 @@ def synthetic_batch(batch, size, vocab):
             'input_ids': torch.randint(1, vocab, (batch, 20), generator=g) * mask, 'attention_mask': mask}
 
 
-def measure(args):
-    """Time the real engine step (loss, parameter groups, optimizer, schedule) on one synthetic batch.
-    -> {'it_per_s', 'samples_per_s', 'ms_per_it', 'peak_memory_mib', 'peak_memory_kind', 'device_name'}"""
-    env = distributed.init_distributed(args.device)
-    distributed.seed_everything(args.seed)
-    device = env.device
+def build_training(args, device):
+    """The real stage-1 set-up on one synthetic batch: model, BERT, parameter groups, AdamW, poly schedule,
+    criterion, and the step (under --compile: the compiled modules) -> (step, optimizer, scheduler, batch, model)."""
     model, bert = build(args, device)
     groups = build_param_groups(model, bert)
     freeze_unoptimized({'model': model, 'bert': bert}, groups)
@@ -87,6 +84,16 @@ def measure(args):
     step = engine.supervised_step(apply_speed_options(model, args), apply_speed_options(bert, args),
                                   build_criterion().to(device))  # --compile
     model.train()
+    return step, optimizer, scheduler, batch, model
+
+
+def measure(args):
+    """Time the real engine step (loss, parameter groups, optimizer, schedule) on one synthetic batch.
+    -> {'it_per_s', 'samples_per_s', 'ms_per_it', 'peak_memory_mib', 'peak_memory_kind', 'device_name'}"""
+    env = distributed.init_distributed(args.device)
+    distributed.seed_everything(args.seed)
+    device = env.device
+    step, optimizer, scheduler, batch, _ = build_training(args, device)
 
     def run(n):
         loader = [batch] * n

@@ -3,6 +3,9 @@
 Cross-entropy uses class weights [0.9, 1.1] (background, object) with the weighted mean reduction of
 `nn.CrossEntropyLoss`. The Dice term is computed per (sample, class) on softmax probabilities and
 summed over both (reduction 'sum'), as the reference does, so it grows with the batch size.
+
+`SegmentationLoss.masked(logits, target, keep)` is the same loss of the samples where `keep` is True, computed
+on the whole batch (static shapes: no data-dependent indexing), equal to the loss of that subset.
 """
 import torch
 import torch.nn as nn
@@ -17,14 +20,17 @@ class DiceLoss(nn.Module):
         self.smooth = smooth
         self.reduction = reduction
 
-    def forward(self, logits, target):
-        # logits [B, C, H, W], target [B, H, W] int in [0, C)
+    def terms(self, logits, target):
+        """The loss per (sample, class), [B, C]: logits [B, C, H, W], target [B, H, W] int in [0, C)."""
         probs = logits.softmax(dim=1)
         onehot = F.one_hot(target.long(), probs.shape[1]).movedim(-1, 1).to(probs.dtype)  # [B, C, H, W]
         dims = tuple(range(2, probs.dim()))
         inter = (probs * onehot).sum(dims)
         union = (probs + onehot).sum(dims)
-        loss = 1 - (2 * inter + self.smooth) / (union + self.smooth)  # [B, C]
+        return 1 - (2 * inter + self.smooth) / (union + self.smooth)
+
+    def forward(self, logits, target):
+        loss = self.terms(logits, target)
         if self.reduction == 'sum':
             return loss.sum()
         if self.reduction == 'mean':
@@ -47,6 +53,25 @@ class SegmentationLoss(nn.Module):
         target = target.long()
         ce = F.cross_entropy(logits, target, weight=self.class_weights.to(logits.device))
         return (1 - self.dice_weight) * ce + self.dice_weight * self.dice(logits, target)
+
+    def masked(self, logits, target, keep):
+        """forward(logits[keep], target[keep]) without selecting: keep [B] bool (on logits' device).
+
+        Cross-entropy: the class-weighted sum over the kept samples' pixels over the sum of their weights
+        (nn.CrossEntropyLoss's weighted mean on the subset); Dice: summed over the kept samples. The other
+        samples add exactly 0 to the loss (torch.where, not a product). No kept sample: 0, with a zero
+        gradient.
+        """
+        logits = logits.float()
+        target = target.long()
+        weights = self.class_weights.to(logits.device)
+        pixel = keep.view(-1, *([1] * (target.dim() - 1)))  # [B, 1, 1]
+        ce = F.cross_entropy(logits, target, weight=weights, reduction='none')  # w[y] * nll, [B, H, W]
+        ce_sum = torch.where(pixel, ce, 0).sum()
+        weight_sum = torch.where(pixel, weights[target], 0).sum()
+        ce = ce_sum / weight_sum.clamp_min(torch.finfo(weight_sum.dtype).tiny)
+        dice = torch.where(keep[:, None], self.dice.terms(logits, target), 0).sum()
+        return (1 - self.dice_weight) * ce + self.dice_weight * dice
 
 
 def build_criterion(dice_weight=0.1):

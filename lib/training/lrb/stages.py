@@ -133,20 +133,24 @@ class Stage3Joint:
         self.plan = bank_step_plan(self.is_weak, self.batch_size, self.world_size, self.seed, epoch,
                                    self.update_every)
 
+    def bank_loss(self, batch, rows):
+        """The teacher's loss on the batch's weak samples (rows >= 0), as a function of the bank.
+
+        Static shapes: teacher and BERT run on the whole batch (both in eval mode, so each sample's forward
+        is its own) and the loss keeps the weak samples (`SegmentationLoss.masked`: the loss of the weak
+        subset, as the original computes it). No data-dependent sizes, no device sync, no branch.
+        """
+        with autocast(batch['image'].device, self.amp):
+            l_feats, l_mask = filled_text_features(unwrap(self.bert), self.bank, batch, rows=rows)
+            logits = self.teacher(batch['image'], l_feats, l_mask)
+        return self.criterion.masked(logits, batch['target'], (rows >= 0).to(logits.device, non_blocking=True))
+
     def bank_grad(self, batch, rows):
         """d(loss)/d(bank) on the batch's weak samples through the teacher; touches no other gradient."""
-        weak = (rows >= 0).nonzero().squeeze(1)  # host tensors: no device sync
-        if len(weak) == 0:  # another process has weak samples: take the step with a zero gradient
-            return torch.zeros_like(self.bank.embedding)
-        index = weak.to(batch['image'].device, non_blocking=True)
-        sub = {'ref_id': batch['ref_id'][weak], 'input_ids': batch['input_ids'].index_select(0, index),
-               'attention_mask': batch['attention_mask'].index_select(0, index)}
-        with autocast(batch['image'].device, self.amp):
-            l_feats, l_mask = filled_text_features(unwrap(self.bert), self.bank, sub, rows=rows[weak])
-            logits = self.teacher(batch['image'].index_select(0, index), l_feats, l_mask)
-        loss = self.criterion(logits, batch['target'].index_select(0, index))
+        if not bool((rows >= 0).any()):  # host tensor, no device sync. Another process has weak samples:
+            return torch.zeros_like(self.bank.embedding)  # take the step with a zero gradient
         # only the bank's gradient: BERT's and the student's .grad stay untouched (no leak into their step)
-        return torch.autograd.grad(loss, self.bank.embedding)[0]
+        return torch.autograd.grad(self.bank_loss(batch, rows), self.bank.embedding)[0]
 
     def before_step(self, i, batch):
         local_rows = self.bank.lookup(batch['ref_id'])
