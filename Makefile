@@ -33,7 +33,7 @@ demo: setup
 	@echo "demo: 4 trainings + 6 tests at 10 % accurate expressions, 2 steps at a time (about 8 minutes on 2 idle cores)"
 	$(PY) reproduce.py --refer_data_root $(DEMO)/data --dataset rrsisd --ratios 10 \
 		--swin_type nano --img_size 64 --pretrained_swin_weights '' --ck_bert $(DEMO)/bert \
-		--epochs $(DEMO_EPOCHS) --stage1_epochs $(DEMO_STAGE1_EPOCHS) --teacher_epoch 15 --batch_size 8 --seed $(DEMO_SEED) \
+		--epochs $(DEMO_EPOCHS) --stage1_epochs $(DEMO_STAGE1_EPOCHS) --teacher_epoch 15 --batch_size 8 --seeds $(DEMO_SEED) \
 		--lr 1e-3 --stage2_lr 3.3e-4 --stage3_lr 6.7e-4 --caption_lr 3.3e-5 \
 		--device cpu --jobs 2 --workers 0 --output_dir $(DEMO)/reproduce
 

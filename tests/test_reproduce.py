@@ -3,12 +3,15 @@
 agrees with test.py's files; each cell has its interval and each share its paired differences, with the
 breakdown and the scores plot beside them; a second run reuses every step; an interrupted training step continues from
 its model_last; a changed configuration is refused; --fresh redoes finished steps; a failing step stops the
-pipeline with one line; bad input is one line before anything runs."""
+pipeline with one line; bad input is one line before anything runs. Then the same through --launcher slurm on
+a real single-node SLURM (tests/slurm_cluster.py): the same table, a re-run submits nothing, a second seed gives
+mean ± sd cells, a time limit and a scancel end up resumed, a failing step cancels what needs it."""
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -230,6 +233,55 @@ def test_fresh_redoes_finished_steps(failing):
     assert (out / 'logs' / 'acc10-splits.log').read_text().count('\n===== ') == 1  # the old logs went too
 
 
+def test_changed_data_is_refused_like_a_changed_flag(demo_root, small_bert_dir, tmp_path):
+    """Finished steps on refs or instances that have changed since: refused in one line (not silently redone);
+    --fresh redoes them."""
+    import shutil
+    data = tmp_path / 'data'
+    shutil.copytree(demo_root, data, symlinks=True)
+    args = pipeline_args(data, small_bert_dir, tmp_path / 'out', '--extra_args', '--cross_scale bogus')
+    args[args.index('--ratios') + 1:args.index('--ratios') + 3] = ['10']
+    assert run(args, check=False).returncode == 2  # the splits finish, the trainings fail
+    instances = data / 'rrsisd' / 'instances.json'
+    instances.write_text(instances.read_text() + '\n')
+    proc = run(args, check=False)
+    line = proc.stderr.strip().splitlines()[-1]
+    assert re.match(rf"reproduce.py: error: step acc10-splits in \S+ finished on other data: \S+refs\(unc\).p or "
+                    rf"{re.escape(str(instances))} changed since \(digest \w+ -> \w+\); pass --fresh", line), line
+    assert not step_lines(proc.stdout, 'running')
+    fresh = run(args + ['--fresh'], check=False)
+    assert 'acc10-splits' in step_lines(fresh.stdout, 'running')
+
+
+def test_a_second_pipeline_in_a_busy_folder_is_refused(demo_root, small_bert_dir, tmp_path):
+    """While a pipeline trains, a second one in its folder is one line naming the PID and host; once the first
+    is killed (SIGKILL) and its step has exited, its locks hold nothing."""
+    import signal
+    import socket
+    from lib.pipeline.locks import StepLocks
+    out = tmp_path / 'out'
+    args = pipeline_args(demo_root, small_bert_dir, out, '--naive_epochs', '50')
+    args[args.index('--ratios') + 1:args.index('--ratios') + 3] = ['10']
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    first = subprocess.Popen([sys.executable, str(REPO / 'reproduce.py')] + [str(a) for a in args], cwd=REPO,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = out / 'locks' / 'acc10-naive-wrel.lock'
+        wait_for(lambda: lock.is_file() and 'child_pid' in lock.read_text(), 120, "Naive-WREL's lock")
+        second = run(args, check=False)
+        line = second.stderr.strip().splitlines()[-1]
+        host = socket.gethostname()
+        assert re.match(rf'reproduce.py: error: step acc10-\S+ is in use by PID {first.pid} on host {host}, since '
+                        rf'\S+: another reproduce.py works in {re.escape(str(out))}; wait for it or stop it$', line), line
+        child = read(lock)['child_pid']
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    wait_for(lambda: not os.path.exists(f'/proc/{child}') or
+             open(f'/proc/{child}/stat').read().rsplit(')', 1)[1].split()[0] == 'Z', 60, 'the step to exit')
+    StepLocks(out).check(['acc10-naive-wrel', 'acc10-only-accurate'])  # dead holders: no refusal
+
+
 # --- bad input: one line, before anything is written --------------------------------------------------------
 
 @pytest.mark.parametrize('change,message', [
@@ -282,7 +334,7 @@ def test_foreign_output_folder_is_refused(demo_root, small_bert_dir, tmp_path):
 
 
 def test_launcher_command_lines(demo_root, small_bert_dir, tmp_path, monkeypatch):
-    """1 process: plain python; several: torchrun --standalone; several nodes: torchrun with the node flags."""
+    """1 process: plain python; several: torchrun --standalone (several nodes: --launcher slurm)."""
     monkeypatch.setattr(config, 'visible_gpus', lambda: 4)
     base = [str(a) for a in pipeline_args(demo_root, small_bert_dir, tmp_path / 'out')]
     base[base.index('--jobs') + 1] = '1'
@@ -300,7 +352,190 @@ def test_launcher_command_lines(demo_root, small_bert_dir, tmp_path, monkeypatch
     assert four['train'][:5] == [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=4', '--standalone']
     assert four['test'][-1] == str(REPO / 'test.py') and '--nproc_per_node=4' in four['test']
     assert four['splits'] == [sys.executable, str(REPO / 'mask_train_only.py')]  # one process: it is not a training
-    nodes = commands('--device', 'cuda', '--nproc_per_node', '4', '--batch_size', '8', '--nnodes', '2', '--node_rank', '1',
-                     '--master_addr', '10.0.0.1', '--master_port', '12345', '--torchrun_args', '--max_restarts 0')
-    assert nodes['train'][3:-1] == ['--nproc_per_node=4', '--nnodes=2', '--node_rank=1', '--master_addr=10.0.0.1',
-                                    '--master_port=12345', '--max_restarts', '0']
+    extra = commands('--device', 'cuda', '--nproc_per_node', '4', '--batch_size', '8', '--torchrun_args',
+                     '--max_restarts 0')
+    assert extra['train'][3:-1] == ['--nproc_per_node=4', '--standalone', '--max_restarts', '0']
+
+
+# --- --launcher slurm, against a real single-node SLURM (tests/slurm_cluster.py) -----------------------------
+
+@pytest.fixture(scope='module')
+def slurm(tmp_path_factory):
+    from tests.slurm_cluster import LocalSlurm, install
+    reason = install()
+    if reason:
+        pytest.skip(reason)
+    cluster = LocalSlurm(tmp_path_factory.mktemp('slurm'))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def slurm_run(cluster, args, check=True, background=False):
+    args = [str(a) for a in args]
+    if '--jobs' in args:  # a local flag: SLURM runs the jobs side by side itself
+        del args[args.index('--jobs'):args.index('--jobs') + 2]
+    args += ['--launcher', 'slurm', '--poll', '0.5']
+    if background:
+        env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', **cluster.env)
+        return subprocess.Popen([sys.executable, str(REPO / 'reproduce.py')] + args, cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return run(args, check=check, env_extra=cluster.env)
+
+
+def job_lines(stdout):
+    """{step: job id} from the submission lines."""
+    return dict(re.findall(r'\] (\S+): job (\d+)', stdout))
+
+
+def table_cells(out):
+    return [{k: v for k, v in row.items() if k != 'checkpoint'} for row in read(out / 'table.json')['rows']]
+
+
+@pytest.fixture(scope='module')
+def slurm_pipeline(slurm, pipeline, tmp_path_factory):
+    """The module's pipeline again, every step a SLURM job."""
+    out = tmp_path_factory.mktemp('reproduce_slurm') / 'out'
+    args = pipeline['args'][:-1] + [out]
+    assert pipeline['args'][-2] == '--output_dir'
+    proc = slurm_run(slurm, args)
+    return {'out': out, 'args': args, 'proc': proc}
+
+
+def test_slurm_gives_the_local_table(slurm, slurm_pipeline, pipeline):
+    """Every step a job, submitted at once with afterok dependencies; the same table as --launcher local."""
+    out, stdout = slurm_pipeline['out'], slurm_pipeline['proc'].stdout
+    jobs = job_lines(stdout)
+    assert len(jobs) == 2 * STEPS_PER_SHARE
+    assert re.search(rf"acc10-lrb-stage3: job {jobs['acc10-lrb-stage3']} after jobs "
+                     rf"{jobs['acc10-only-accurate']}, {jobs['acc10-lrb-stage2']}:", stdout)
+    assert table_cells(out) == table_cells(pipeline['out'])
+    assert read(out / 'table.json')['differences'] == read(pipeline['out'] / 'table.json')['differences']
+    record = read(out / 'slurm' / 'jobs.json')['steps']
+    assert {k: v['job_id'] for k, v in record.items()} == jobs
+    ended = {c['JobId']: c['JobState'] for c in slurm.completions()}
+    assert all(ended[j] == 'COMPLETED' for j in jobs.values())  # SLURM's own record of the jobs
+    assert 'acc10-only-accurate: epoch 1/1 done, val oIoU' in stdout  # progress read from the job's log
+
+
+def test_slurm_rerun_submits_nothing(slurm, slurm_pipeline):
+    before = len(slurm.completions())
+    proc = slurm_run(slurm, slurm_pipeline['args'])
+    assert 'every step is finished: nothing submitted' in proc.stdout and not job_lines(proc.stdout)
+    assert len(step_lines(proc.stdout, 'reused')) == 2 * STEPS_PER_SHARE
+    assert len(slurm.completions()) == before
+
+
+def test_slurm_seeds_give_mean_and_sd(slurm, slurm_pipeline, tmp_path):
+    """A second seed on a copy of the finished pipeline: seed 2401's steps are reused, seed 7's submitted
+    (side by side); each cell is mean ± sd and the JSON keeps each seed's value."""
+    import shutil
+    out = tmp_path / 'out'
+    shutil.copytree(slurm_pipeline['out'], out, symlinks=True)
+    args = slurm_pipeline['args'][:-1] + [out]
+    args[args.index('--ratios') + 1:args.index('--ratios') + 3] = ['10']
+    proc = slurm_run(slurm, args + ['--seeds', '2401', '7', '--figure_samples', '0'])
+    assert sorted(job_lines(proc.stdout)) == sorted(
+        [f'acc10-{m}-seed7' for m in ('only-accurate', 'naive-wrel', 'lrb-stage2', 'lrb-stage3')] +
+        [f'acc10-{m}-{s}-seed7' for m in ('only-accurate', 'naive-wrel', 'lrb-wrel') for s in ('val', 'test')])
+    rows = read(out / 'table.json')['rows']
+    assert len(rows) == 3 and all(r['seeds'] == [2401, 7] for r in rows)
+    first = {(r['ratio'], r['method']): r for r in read(slurm_pipeline['out'] / 'table.json')['rows']}
+    keys = dict(zip(METHOD_LABELS, ('only-accurate', 'naive-wrel', 'lrb-wrel')))
+    for row in rows:
+        seed7 = read(out / 'results' / f"acc10-{keys[row['method']]}-test-seed7.json")
+        assert row['per_seed']['oIoU_test'] == [pytest.approx(first[(10.0, row['method'])]['oIoU_test'], abs=0.005),
+                                                pytest.approx(seed7['oIoU'])]
+        assert row['oIoU_test'] == pytest.approx(sum(row['per_seed']['oIoU_test']) / 2, abs=0.006)
+    table = (out / 'table.md').read_text()
+    assert re.search(r'\| 10%\s+\| Only Accurate \| [\d.*]+ ± [\d.]+ \[', table), table
+    assert 'training seeds 2401, 7 (each cell: mean ± sd over them)' in table
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f'timed out after {timeout} s waiting for {what}')
+
+
+def test_slurm_time_limit_and_scancel_are_resumed(slurm, demo_root, small_bert_dir, tmp_path):
+    """One share with 1-minute jobs. Only Accurate (80 epochs, more than a minute) is told to stop by SLURM
+    before its time limit, requeues itself and continues from its model_last; Naive-WREL is cancelled with
+    scancel mid-training: the pipeline says so in one line and cancels its tests, and the next run continues
+    it from its model_last. The table completes."""
+    out = tmp_path / 'out'
+    args = pipeline_args(demo_root, small_bert_dir, out, '--stage1_epochs', '80', '--naive_epochs', '8',
+                         '--figure_samples', '0', '--slurm_time', '1', '--slurm_signal_delay', '20')
+    args[args.index('--ratios') + 1:args.index('--ratios') + 3] = ['10']
+    proc = slurm_run(slurm, args, background=True)
+    naive = out / 'stages' / 'acc10-naive-wrel'
+    wait_for(lambda: (naive / 'model_last_RMSIN.pth').is_file(), 120, "Naive-WREL's first checkpoint")
+    job = read(out / 'slurm' / 'jobs.json')['steps']['acc10-naive-wrel']['job_id']
+    subprocess.run(['scancel', job], check=True, env=dict(os.environ, **slurm.env))
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 2 and 'Traceback' not in stderr
+    line = stderr.strip().splitlines()[-1]
+    assert re.match(rf'reproduce.py: error: step acc10-naive-wrel \(job {job}\) ended without finishing '
+                    rf'\(CANCELLED\S*\); log: \S+acc10-naive-wrel.log', line), line
+    assert re.search(r'acc10-naive-wrel-val \(job \d+\): cancelled, it needs acc10-naive-wrel', stdout)
+    only_log = (out / 'logs' / 'acc10-only-accurate.log').read_text()
+    assert 'stopped for a requeue' in only_log and 'attempt 2' in only_log
+    resumed = [int(e) for e in re.findall(r'continuing at epoch (\d+)', only_log)]
+    assert resumed and resumed[0] > 0  # continued, not restarted
+    assert (out / 'stages' / 'acc10-lrb-stage3' / 'stage.json').is_file()  # the chain after it finished
+
+    again = slurm_run(slurm, args)
+    assert sorted(job_lines(again.stdout)) == ['acc10-naive-wrel', 'acc10-naive-wrel-test', 'acc10-naive-wrel-val']
+    assert 'acc10-naive-wrel: job' in again.stdout and 'continues from model_last_RMSIN.pth' in again.stdout
+    naive_log = (out / 'logs' / 'acc10-naive-wrel.log').read_text()
+    assert int(re.findall(r'continuing at epoch (\d+)', naive_log)[-1]) > 0
+    assert all(r['oIoU_test'] is not None for r in read(out / 'table.json')['rows'])
+
+
+def test_slurm_failing_step_is_one_line_and_cancels_its_dependents(slurm, demo_root, small_bert_dir, tmp_path):
+    out = tmp_path / 'out'
+    args = pipeline_args(demo_root, small_bert_dir, out, '--extra_args', '--cross_scale bogus')
+    args[args.index('--ratios') + 1:args.index('--ratios') + 3] = ['10']
+    proc = slurm_run(slurm, args, check=False)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert re.match(r"reproduce.py: error: step acc10-(only-accurate|naive-wrel) \(job \d+\) failed \(exit 2\): "
+                    r"train.py: error: argument --cross_scale: invalid choice: 'bogus'.*; log: \S+\.log", line), line
+    cancelled = re.findall(r'\] (\S+) \(job \d+\): cancelled, it needs', proc.stdout)
+    assert 'acc10-lrb-stage2' in cancelled or 'acc10-naive-wrel-val' in cancelled
+    live = subprocess.run(['squeue', '-h'], capture_output=True, text=True, env=dict(os.environ, **slurm.env))
+    assert live.stdout.strip() == ''  # nothing left pending forever
+
+
+def test_slurm_bad_input_is_one_line_before_anything_is_submitted(slurm, demo_root, small_bert_dir, tmp_path):
+    base = [str(a) for a in pipeline_args(demo_root, small_bert_dir, tmp_path / 'out')]
+    del base[base.index('--jobs'):base.index('--jobs') + 2]
+    before = len(slurm.completions())
+
+    def line(*extra, env=None):
+        proc = run(base + ['--launcher', 'slurm', *extra], check=False, env_extra=env or slurm.env)
+        assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr
+        return proc.stderr.strip().splitlines()[-1]
+
+    assert line('--slurm_partition', 'gpu-a100') == ('reproduce.py: error: --slurm_partition gpu-a100: SLURM has no '
+                                                      'such partition (it has: debug)')
+    assert line('--seeds', '1', '2', '1') == 'reproduce.py: error: --seeds: 1 is given twice'
+    assert line('--slurm_time', '1', '--slurm_signal_delay', '45').startswith(
+        'reproduce.py: error: --slurm_signal_delay 45: with --slurm_time 1 (minutes) SLURM may signal the job')
+    (tmp_path / 'bare').mkdir()  # a PATH without SLURM's commands (reproduce.py runs by its full path)
+    no_slurm = {**slurm.env, 'PATH': str(tmp_path / 'bare')}
+    assert line(env=no_slurm).startswith('reproduce.py: error: --launcher slurm: no sbatch on this machine')
+    assert line('--jobs', '2').startswith('reproduce.py: error: --jobs 2: steps can run side by side only on CPU '
+                                          'with --launcher local')
+    # a time limit below one epoch as an earlier attempt measured it (its log line, as train.py writes it)
+    (tmp_path / 'out' / 'logs').mkdir(parents=True)
+    (tmp_path / 'out' / 'pipeline.json').write_text('{}')
+    (tmp_path / 'out' / 'logs' / 'acc10-naive-wrel.log').write_text('Epoch 0: train loss 0.61, 95s (val)\n')
+    assert line('--slurm_time', '1', '--slurm_signal_delay', '10') == (
+        f"reproduce.py: error: --slurm_time 1: one epoch of acc10-naive-wrel took 95 s "
+        f"({tmp_path / 'out' / 'logs' / 'acc10-naive-wrel.log'}), more than the 20 s a job is sure to have before "
+        f"it is told to stop (--slurm_signal_delay 10 + 30 s); it could never write a checkpoint")
+    assert len(slurm.completions()) == before and not (tmp_path / 'out' / 'slurm').exists()

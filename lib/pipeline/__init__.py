@@ -5,7 +5,10 @@
     manifests.py  when a step is finished, and with what (stage.json, started.json); JSON and git helpers
     progress.py   timestamped lines and a step's epoch, score and ETA from its output (Printer, Progress)
     runner.py     a step in a subprocess with its log (Runner), the steps in order, --jobs at once (execute)
-    channel.py    multi-node: node 0 publishes the steps, the other nodes run them (PlanChannel, follow)
+    locks.py      one pipeline per step folder: locks naming a live process or SLURM job (StepLocks)
+    slurm.py      --launcher slurm: checks, one submitit executor per step, the plan submitted with dependencies
+    job.py        what a step's SLURM job runs (StepJob): the script per task, its manifest, requeue on a stop signal
+    follow.py     following the jobs: states, progress from the logs, failures, cancelling what depends on them
     report.py     the table (table.md, table.json) and the trivial all-object scores
     significance.py  each cell's interval, the paired differences, breakdown.md (from lib.evaluation)
     plot.py       the scores plot (scores.png): test oIoU per share with intervals

@@ -4,6 +4,7 @@ import argparse
 import math
 import os
 import shlex
+import sys
 from pathlib import Path
 
 from lib import files
@@ -11,6 +12,7 @@ from utils import InputError, check_input_file
 
 REPO = Path(__file__).resolve().parents[2]  # the repository root: the scripts the steps run (lib/pipeline/../..)
 MODEL_ID = 'RMSIN'
+DEFAULT_SEED = 2401  # the original's --seed
 PAPER_SWIN = './pretrained_weights/swin_base_patch4_window12_384_22k.pth'
 METHODS = (('only-accurate', 'Only Accurate'), ('naive-wrel', 'Naive-WREL'), ('lrb-wrel', 'LRB-WREL'))
 FULL_METHOD = ('rmsin', 'RMSIN')
@@ -72,27 +74,49 @@ def build_parser():
     g.add_argument('--caption_lr', type=float, default=1e-6, help='learning rate of the bank in stage 3')
     g.add_argument('--caption_inner_steps', type=int, default=1)
     g.add_argument('--caption_update_every', type=int, default=1)
-    g.add_argument('--seed', type=int, default=2401, help='--seed of every training step')
+    g.add_argument('--seeds', '--seed', dest='seeds', type=int, nargs='+', default=[DEFAULT_SEED],
+                   help='--seed of the trainings: each training of the table runs once per seed (each seed its own '
+                        'step folders; the table shows mean ± sd over seeds)')
     g.add_argument('--amp', action='store_true', help='bf16 autocast on GPU')
     g.add_argument('--extra_args', default='',
                    help="more flags for every training and test script, e.g. '--mha 4-4-4-4 --cross_scale msda'")
 
     g = p.add_argument_group('launch')
+    g.add_argument('--launcher', choices=('local', 'slurm'), default='local',
+                   help='local: the steps run here, one node; slurm: every step is a SLURM job (submitit), '
+                        'submitted at once with dependencies')
     g.add_argument('--device', default='auto', help="auto (GPU when there is one), cuda or cpu")
     g.add_argument('--nproc_per_node', type=int, default=1,
-                   help='processes (GPUs) per node; 1 runs each script with plain python, more through torchrun')
-    g.add_argument('--nnodes', type=int, default=1, help='torchrun --nnodes (run this same command on every node)')
-    g.add_argument('--node_rank', type=int, default=0, help='torchrun --node_rank')
-    g.add_argument('--master_addr', default='127.0.0.1', help='torchrun --master_addr (multi-node)')
-    g.add_argument('--master_port', type=int, default=29500,
-                   help='torchrun --master_port (multi-node); the next port carries the step plan to the other nodes')
-    g.add_argument('--torchrun_args', default='', help="more torchrun flags, e.g. '--rdzv_conf timeout=1800'")
+                   help='processes (GPUs) per node of a training; locally 1 runs plain python, more torchrun')
+    g.add_argument('--torchrun_args', default='', help="more torchrun flags (local), e.g. '--rdzv_conf timeout=1800'")
     g.add_argument('--jobs', type=int, default=1,
                    help='steps run at the same time (CPU only; e.g. Naive-WREL beside the LRB chain)')
     g.add_argument('--workers', type=int, default=4, help='data-loading workers of every script')
     g.add_argument('--print_freq', type=int, default=10, help='--print-freq of the training scripts')
     g.add_argument('--progress_every', type=float, default=60,
                    help='seconds between progress lines inside an epoch')
+
+    g = p.add_argument_group('SLURM (--launcher slurm)')
+    g.add_argument('--slurm_partition', default=None, help='partition of every job (default: the cluster default)')
+    g.add_argument('--slurm_account', default=None, help='sbatch --account')
+    g.add_argument('--slurm_qos', default=None, help='sbatch --qos')
+    g.add_argument('--slurm_time', type=int, default=24 * 60,
+                   help='time limit of each job in minutes; a job that reaches it is requeued and continues '
+                        'from its last checkpoint')
+    g.add_argument('--slurm_nodes', type=int, default=1, help='nodes per training (--nproc_per_node GPUs each)')
+    g.add_argument('--slurm_cpus_per_task', type=int, default=None,
+                   help='CPUs per process (default: a GPU process 10, a CPU step 1)')
+    g.add_argument('--slurm_mem', default=None, help="sbatch --mem per node, e.g. '64G' (default: the cluster's)")
+    g.add_argument('--slurm_signal_delay', type=int, default=120,
+                   help='seconds before the time limit at which a job is told to stop and requeue itself')
+    g.add_argument('--slurm_max_requeues', type=int, default=3, help='requeues after a time limit, per job')
+    g.add_argument('--slurm_args', default='',
+                   help="any other sbatch options, e.g. '--constraint=a100 --exclude=node7'")
+    g.add_argument('--follow', action=argparse.BooleanOptionalAction, default=True,
+                   help="follow the jobs until the table is written (Ctrl-C detaches; the jobs run on); "
+                        "--no-follow: submit and exit")
+    g.add_argument('--cancel', action='store_true', help="cancel this pipeline's SLURM jobs and exit")
+    g.add_argument('--poll', type=float, default=30, help='seconds between looks at the jobs while following')
     return p
 
 
@@ -116,14 +140,18 @@ class Config:
         self.extra = split_flags(args.extra_args, '--extra_args')
         self.torchrun_extra = split_flags(args.torchrun_args, '--torchrun_args')
         self.tokenizer = args.bert_tokenizer or args.ck_bert
+        self.seeds = list(args.seeds)
+        self.python = sys.executable
+        self.slurm = args.launcher == 'slurm'
+        self.slurm_extra = split_flags(args.slurm_args, '--slurm_args')
+
+    @property
+    def nodes(self):
+        return self.args.slurm_nodes if self.slurm else 1
 
     @property
     def world(self):
-        return self.args.nproc_per_node * self.args.nnodes
-
-    @property
-    def is_leader(self):
-        return self.args.node_rank == 0
+        return self.args.nproc_per_node * self.nodes
 
 
 def visible_gpus():
@@ -160,19 +188,33 @@ def validate(args):
         if not (math.isfinite(value) and value > 0):
             raise InputError(f'--{flag} {value}: must be a finite number > 0')
     for flag, low in (('batch_size', 1), ('caption_inner_steps', 1), ('caption_update_every', 1), ('workers', 0),
-                      ('nproc_per_node', 1), ('nnodes', 1), ('jobs', 1), ('figure_samples', 0), ('print_freq', 1)):
+                      ('nproc_per_node', 1), ('jobs', 1), ('figure_samples', 0), ('print_freq', 1),
+                      ('slurm_time', 1), ('slurm_nodes', 1), ('slurm_signal_delay', 0), ('slurm_max_requeues', 0)):
         if getattr(args, flag) < low:
             raise InputError(f'--{flag} {getattr(args, flag)}: must be >= {low}')
     if args.img_size < 32 or args.img_size % 32:
         raise InputError(f'--img_size {args.img_size}: must be a positive multiple of 32')
-    if not 0 <= args.node_rank < args.nnodes:
-        raise InputError(f'--node_rank {args.node_rank}: must be in 0..{args.nnodes - 1} (--nnodes {args.nnodes})')
+    if args.slurm_cpus_per_task is not None and args.slurm_cpus_per_task < 1:
+        raise InputError(f'--slurm_cpus_per_task {args.slurm_cpus_per_task}: must be >= 1')
+    if not (math.isfinite(args.poll) and args.poll > 0):
+        raise InputError(f'--poll {args.poll}: must be a number of seconds > 0')
+    if len(set(args.seeds)) != len(args.seeds):
+        twice = next(s for s in args.seeds if args.seeds.count(s) > 1)
+        raise InputError(f'--seeds: {twice} is given twice')
 
     cfg = Config(args)
-    world = args.nproc_per_node * args.nnodes
-    if args.batch_size % world:
-        raise InputError(f'--batch_size {args.batch_size}: not divisible by the {world} processes '
-                         f'(--nproc_per_node x --nnodes)')
+    if args.batch_size % cfg.world:
+        raise InputError(f'--batch_size {args.batch_size}: not divisible by the {cfg.world} processes '
+                         f"(--nproc_per_node{' x --slurm_nodes' if cfg.slurm else ''})")
+    if not cfg.slurm:
+        for flag in ('slurm_partition', 'slurm_account', 'slurm_qos', 'slurm_mem', 'slurm_args'):
+            if getattr(args, flag):
+                raise InputError(f'--{flag}: only with --launcher slurm')
+        if args.slurm_nodes != 1:
+            raise InputError('--slurm_nodes: only with --launcher slurm (locally reproduce.py runs on one node; '
+                             'for several nodes without SLURM start one torchrun per node yourself, see docs/training.md)')
+        if args.cancel or not args.follow:
+            raise InputError(f"--{'cancel' if args.cancel else 'no-follow'}: only with --launcher slurm")
     # the teacher checkpoint must be one the Only-Accurate run writes
     if cfg.teacher != 'last':
         try:
@@ -214,25 +256,28 @@ def validate(args):
     # devices
     if args.device not in ('auto', 'cpu', 'cuda'):
         raise InputError(f'--device {args.device}: expected auto, cuda or cpu')
-    gpus = visible_gpus() if args.device != 'cpu' else 0
-    if args.device == 'auto':
-        cfg.device = 'cuda' if gpus else 'cpu'
-        if not gpus and args.nproc_per_node > 1:
-            raise InputError(f'--nproc_per_node {args.nproc_per_node}: larger than the 0 GPUs present '
-                             f'(pass --device cpu for CPU processes)')
-    if cfg.device == 'cuda':
-        if not gpus:
-            raise InputError('--device cuda: no GPU is visible here (pass --device cpu)')
-        if args.nproc_per_node > gpus:
-            raise InputError(f'--nproc_per_node {args.nproc_per_node}: larger than the {gpus} GPU(s) present '
-                             f'(CUDA_VISIBLE_DEVICES={os.environ.get("CUDA_VISIBLE_DEVICES", "unset")})')
-    if args.jobs > 1 and (cfg.device != 'cpu' or args.nnodes > 1):
-        raise InputError(f'--jobs {args.jobs}: steps can run side by side only on CPU in one node '
-                         f'(on GPUs each step uses all --nproc_per_node of them)')
+    if cfg.slurm:  # the GPUs are on the compute nodes, not here: auto means GPU jobs
+        cfg.device = 'cuda' if args.device == 'auto' else args.device
+    else:
+        gpus = visible_gpus() if args.device != 'cpu' else 0
+        if args.device == 'auto':
+            cfg.device = 'cuda' if gpus else 'cpu'
+            if not gpus and args.nproc_per_node > 1:
+                raise InputError(f'--nproc_per_node {args.nproc_per_node}: larger than the 0 GPUs present '
+                                 f'(pass --device cpu for CPU processes)')
+        if cfg.device == 'cuda':
+            if not gpus:
+                raise InputError('--device cuda: no GPU is visible here (pass --device cpu)')
+            if args.nproc_per_node > gpus:
+                raise InputError(f'--nproc_per_node {args.nproc_per_node}: larger than the {gpus} GPU(s) present '
+                                 f'(CUDA_VISIBLE_DEVICES={os.environ.get("CUDA_VISIBLE_DEVICES", "unset")})')
+    if args.jobs > 1 and (cfg.device != 'cpu' or cfg.slurm):
+        raise InputError(f'--jobs {args.jobs}: steps can run side by side only on CPU with --launcher local '
+                         f'(on GPUs each step uses all --nproc_per_node of them; SLURM runs jobs side by side)')
     # output folder
     if cfg.out.exists() and not cfg.out.is_dir():
         raise InputError(f'--output_dir {args.output_dir}: is a file')
-    if cfg.is_leader and cfg.out.is_dir() and any(cfg.out.iterdir()) and not (cfg.out / 'pipeline.json').is_file():
+    if cfg.out.is_dir() and any(cfg.out.iterdir()) and not (cfg.out / 'pipeline.json').is_file():
         raise InputError(f'--output_dir {args.output_dir}: holds files but no pipeline.json, so it is not a '
                          f'reproduce.py folder; choose a new or empty folder')
     files.check_writable_dir(cfg.out, '--output_dir')

@@ -80,8 +80,9 @@ def file_digest(paths):
 class Manifests:
     """stages/<step>/stage.json (finished) and started.json (running or interrupted)."""
 
-    def __init__(self, plan, data_digest):
+    def __init__(self, plan, data_digest, data_files='the refs or instances file'):
         self.plan = plan
+        self.data_files = data_files
         self.out = plan.cfg.out
         self.data_digest = data_digest
         self.result_ids = {}
@@ -98,7 +99,9 @@ class Manifests:
         return {'script': step.script, 'args': canonical_args(step.args, self.out), 'inputs': inputs}
 
     def refusal(self, step):
-        """A finished or started step whose own command line differs: the one-line reason, else None."""
+        """A finished or started step whose own command line differs, or that ran on other data (refs or
+        instances changed under --refer_data_root): the one-line reason, else None. Both are refused alike:
+        nothing finished is redone without being asked (--fresh)."""
         cfg = self.config(step)
         for path, state in ((self.done_path(step), 'finished'), (self.started_path(step), 'was started')):
             old = read_json(path)
@@ -107,6 +110,11 @@ class Manifests:
                     return (f'step {step.name} in {self.plan.stage_dir(step.name)} {state} with another '
                             f"configuration ({args_difference(old['config']['args'], cfg['args'])}); pass --fresh "
                             f'to redo every step, delete that folder to redo this one, or choose another --output_dir')
+                data = old['config'].get('inputs', {}).get('data')
+                if data is not None and data != self.data_digest:
+                    return (f'step {step.name} in {self.plan.stage_dir(step.name)} {state} on other data: '
+                            f'{self.data_files} changed since (digest {data} -> {self.data_digest}); pass --fresh '
+                            f'to redo every step on the new data, or choose another --output_dir')
         return None
 
     def decide(self, step):
@@ -129,25 +137,41 @@ class Manifests:
         return 'run', reason
 
     def begin(self, step, mode):
+        """Before a step runs (or is submitted): 'run' empties its folder; started.json records its
+        configuration and the result id its finished manifest will carry, so that the steps depending on it
+        can be judged (and submitted) before it finishes. -> the result id."""
         d = self.plan.stage_dir(step.name)
+        started = read_json(self.started_path(step)) or {}
         if mode == 'run':  # the pipeline owns this folder: start clean
             if d.exists():
                 shutil.rmtree(d)
             d.mkdir(parents=True)
-            write_json(self.started_path(step), {'step': step.name, 'config': self.config(step),
-                                                 'started': now()})
+            started = {}
+        rid = started.get('result_id') or uuid.uuid4().hex
+        write_json(self.started_path(step), {'step': step.name, 'config': started.get('config') or self.config(step),
+                                             'started': started.get('started') or now(), 'result_id': rid})
+        self.result_ids[step.name] = rid
+        return rid
 
     def finish(self, step, command, seconds):
-        missing = [o for o in step.outputs if not o.exists()]
-        if missing:
-            raise InputError(f'step {step.name} exited normally but did not write {missing[0]}; see '
-                             f'{self.plan.logs / (step.name + ".log")}')
-        rid = uuid.uuid4().hex
-        write_json(self.done_path(step), {'step': step.name, 'config': self.config(step), 'command': command,
+        finish_step(self.plan.stage_dir(step.name), step, command, seconds, self.plan.logs / f'{step.name}.log')
+
+
+def finish_step(stage_dir, step, command, seconds, log):
+    """A step exited 0: its manifest (stage.json), from started.json, once every output is there; else one
+    line naming the missing file. Run by reproduce.py (local) or by the step's own SLURM job."""
+    missing = [o for o in step.outputs if not o.exists()]
+    if missing:
+        raise InputError(f'step {step.name} exited normally but did not write {missing[0]}; see {log}')
+    started = read_json(stage_dir / 'started.json')
+    if not started or 'config' not in started:
+        raise InputError(f'step {step.name}: {stage_dir / "started.json"} is missing or unreadable')
+    write_json(stage_dir / 'stage.json', {'step': step.name, 'config': started['config'], 'command': command,
                                           'outputs': [str(o) for o in step.outputs], 'finished': now(),
-                                          'seconds': round(seconds, 1), 'result_id': rid, 'git': git_info()})
-        with_suppress(lambda: self.started_path(step).unlink())
-        self.result_ids[step.name] = rid
+                                          'seconds': round(seconds, 1),
+                                          'result_id': started.get('result_id') or uuid.uuid4().hex,
+                                          'git': git_info()})
+    with_suppress(lambda: (stage_dir / 'started.json').unlink())
 
 
 def with_suppress(fn):

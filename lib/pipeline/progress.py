@@ -37,6 +37,11 @@ class Progress:
         self.last_said = time.time()
         self.epoch_start = time.time()
 
+    def restart(self):
+        """The step starts now (a SLURM job leaving the queue): ETAs count from here."""
+        self.start = self.last_said = self.epoch_start = time.time()
+        self.epochs_done = 0
+
     def feed(self, line):
         m = self.RESUMED.search(line)
         if m:

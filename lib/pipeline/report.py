@@ -1,6 +1,8 @@
 """The table: each method's test results per accurate share, in the paper's form (table.md) with each cell's
 95 % interval and the paired differences per share (significance.py), and as JSON (table.json) with every
-number, the configuration, the git commit and the trivial all-object scores."""
+number (every seed's), the configuration, the git commit and the trivial all-object scores."""
+import statistics
+
 from lib import files
 
 from .config import COLUMNS, EVAL_SPLITS, FULL_METHOD, METHODS, ratio_tag
@@ -33,18 +35,27 @@ def trivial_scores(cfg):
 
 
 def table_rows(plan, records=None):
-    """One row per share and method: the four cells (rounded as printed), the sentences tested, and with
-    `records` (significance.Records) each cell's interval ('intervals')."""
+    """One row per share and method: the four cells (the mean over training seeds, rounded as printed;
+    with several seeds each seed's value and the sd), the sentences tested, and with `records`
+    (significance.Records) each cell's interval ('intervals')."""
     rows = []
+    several = len(plan.cfg.seeds) > 1
     for share in plan.shares():
         methods = [FULL_METHOD] if share == 100.0 else METHODS
         for key, label in methods:
             row = {'ratio': share, 'method': label, 'checkpoint': str(plan.methods[(share, key)])}
+            if several:
+                row.update(seeds=list(plan.cfg.seeds), per_seed={}, sd={})
             for metric, split in COLUMNS:
-                res = read_json(plan.result_file(share, key, split))
-                row[f'{metric}_{split}'] = round(res[metric], 2) if res else None
+                results = [read_json(p) for p in plan.result_files(share, key, split)]
+                values = [r[metric] for r in results if r]
+                k = f'{metric}_{split}'
+                row[k] = round(statistics.fmean(values), 2) if values and len(values) == len(results) else None
+                if several:
+                    row['per_seed'][k] = [r[metric] if r else None for r in results]
+                    row['sd'][k] = round(statistics.stdev(values), 2) if row[k] is not None else None
             for split in EVAL_SPLITS:
-                res = read_json(plan.result_file(share, key, split))
+                res = read_json(plan.result_files(share, key, split)[0])
                 row[f'num_sentences_{split}'] = res.get('num_sentences') if res else None
             if records is not None:
                 row['intervals'] = {column_key(c): cell_interval(records, share, key, c) for c in COLUMNS
@@ -76,6 +87,8 @@ def table_markdown(rows):
             text = '–' if v is None else f'{v:.2f}'
             if v is not None and row['method'] != FULL_METHOD[1] and v == best.get((row['ratio'], k)):
                 text = f'**{text}**'
+            if v is not None and row.get('sd', {}).get(k) is not None:
+                text += f" ± {row['sd'][k]:.2f}"
             interval = format_interval(row.get('intervals', {}).get(k))
             cells.append(f'{text} {interval}' if interval else text)
         lines.append(f"| {ratio:<5} | {row['method']} | " + ' | '.join(cells) + ' |')
@@ -103,10 +116,15 @@ def table_config(cfg):
         'epochs': cfg.epochs, 'teacher': f'Only-Accurate run, {teacher_text(cfg)}', 'batch_size': a.batch_size,
         'lr': a.lr, 'stage2_lr': a.stage2_lr, 'stage3_lr': a.stage3_lr, 'caption_lr': a.caption_lr,
         'caption_inner_steps': a.caption_inner_steps, 'caption_update_every': a.caption_update_every,
-        'seed': a.seed, 'split_seed': a.split_seed, 'swin_type': a.swin_type, 'img_size': a.img_size,
+        'seeds': cfg.seeds, 'split_seed': a.split_seed, 'swin_type': a.swin_type, 'img_size': a.img_size,
         'window12': cfg.window12, 'pretrained_swin_weights': a.pretrained_swin_weights, 'ck_bert': a.ck_bert,
         'amp': a.amp, 'extra_args': a.extra_args, 'device': cfg.device, 'processes': cfg.world,
         'checkpoints': 'each run\'s best val-oIoU checkpoint (model_best; LRB-WREL: stage 3\'s model_best_oIoU)'}
+
+
+def seeds_text(seeds):
+    return (f'seed {seeds[0]}' if len(seeds) == 1 else
+            f"training seeds {', '.join(map(str, seeds))} (each cell: mean ± sd over them)")
 
 
 def teacher_text(cfg):
@@ -138,7 +156,7 @@ def write_table(plan, trivial):
         f'every sentence of the split; each method tested at its best val-oIoU checkpoint.',
         f'Swin-{a.swin_type}, {a.img_size} px, batch {a.batch_size}, {e_text}; lr {a.lr:g} '
         f'(stage 2 {a.stage2_lr:g}, stage 3 {a.stage3_lr:g}, bank {a.caption_lr:g}); LRB teacher: the Only-Accurate '
-        f'run\'s {teacher_text(cfg)}; seed {a.seed}; {cfg.world} process(es) on {cfg.device}.',
+        f'run\'s {teacher_text(cfg)}; {seeds_text(cfg.seeds)}; {cfg.world} process(es) on {cfg.device}.',
         interval_note(seeds),
     ]
     notes += [f'No interval: {e}.' for e in errors(rows, diffs)[:3]]

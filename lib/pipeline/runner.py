@@ -13,6 +13,7 @@ import time
 from utils import InputError
 
 from .config import MODEL_ID, REPO
+from .locks import child, this_process
 from .manifests import now, with_suppress
 from .progress import Progress, hms
 
@@ -51,13 +52,9 @@ def launcher(cfg, step):
     script = str(REPO / step.script)
     if not step.distributed or cfg.world == 1:
         return [sys.executable, script]
-    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={a.nproc_per_node}']
-    if a.nnodes == 1:
-        cmd.append('--standalone')  # a free port per step: steps never collide
-    else:
-        cmd += [f'--nnodes={a.nnodes}', f'--node_rank={a.node_rank}', f'--master_addr={a.master_addr}',
-                f'--master_port={a.master_port}']
-    return cmd + cfg.torchrun_extra + [script]
+    # --standalone: a free port per step, so steps never collide
+    return [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={a.nproc_per_node}', '--standalone',
+            *cfg.torchrun_extra, script]
 
 
 class StepFailed(Exception):
@@ -67,8 +64,9 @@ class StepFailed(Exception):
 class Runner:
     """Runs steps as subprocesses, each with its log file; several at once with --jobs."""
 
-    def __init__(self, cfg, plan, say):
-        self.cfg, self.plan, self.say = cfg, plan, say
+    def __init__(self, cfg, plan, say, on_start=None):
+        """on_start(step, proc): called once a step's process runs (e.g. to name it in the step's lock)."""
+        self.cfg, self.plan, self.say, self.on_start = cfg, plan, say, on_start
         self.procs = {}
         self.lock = threading.Lock()
         self.env = python_env(cfg)
@@ -76,9 +74,8 @@ class Runner:
     def command(self, step, args):
         return launcher(self.cfg, step) + args
 
-    def log_path(self, step, node=None):
-        node = self.cfg.args.node_rank if node is None else node
-        return self.plan.logs / (f'{step.name}.log' if node == 0 else f'{step.name}.node{node}.log')
+    def log_path(self, step):
+        return self.plan.logs / f'{step.name}.log'
 
     def run(self, step, args):
         """Run and wait; raises StepFailed with a one-line reason. -> the command line."""
@@ -95,6 +92,8 @@ class Runner:
                                     preexec_fn=die_with_parent if _LIBC is not None else None)
             with self.lock:
                 self.procs[step.name] = proc
+            if self.on_start is not None:
+                self.on_start(step, proc)
             try:
                 for line in proc.stdout:
                     log.write(line)
@@ -144,9 +143,11 @@ def failure_line(tail):
     return (tail[-1][:300] if tail else 'no output')
 
 
-def execute(cfg, plan, manifests, say, on_step_done, channel=None):
-    """Run the plan's steps in order (up to --jobs at once when their inputs are ready)."""
-    runner = Runner(cfg, plan, say)
+def execute(cfg, plan, manifests, say, on_step_done, locks):
+    """Run the plan's steps in order (up to --jobs at once when their inputs are ready), each under this
+    process's lock (locks.StepLocks)."""
+    holder = this_process()
+    runner = Runner(cfg, plan, say, on_start=lambda step, proc: locks.take(step.name, {**holder, **child(proc.pid)}))
     pending = list(plan.steps)
     finished = set()
     results = queue.Queue()
@@ -182,12 +183,12 @@ def execute(cfg, plan, manifests, say, on_step_done, channel=None):
                 args = list(ready.args)
                 if mode == 'continue':
                     args = replace_flag(args, '--resume', str(plan.stage_dir(ready.name) / f'model_last_{MODEL_ID}.pth'))
+                locks.check([ready.name])
+                locks.take(ready.name, holder)
                 manifests.begin(ready, mode)
                 what = {'continue': f'continuing {reason}', 'run': 'running' + (f' ({reason})' if reason else '')}[mode]
                 epochs = f', {ready.epochs} epochs' if ready.epochs else ''
                 say(f'{tag}: {what}: {ready.script}{epochs}; log {runner.log_path(ready)}')
-                if channel is not None and ready.distributed and cfg.world > cfg.args.nproc_per_node:
-                    channel.publish({'step': ready.name, 'args': args})
                 t = threading.Thread(target=work, args=(ready, args), daemon=True)
                 running[ready.name] = t
                 t.start()
@@ -197,6 +198,7 @@ def execute(cfg, plan, manifests, say, on_step_done, channel=None):
                 raise InputError(f'steps {", ".join(s.name for s in pending)} wait for inputs that never come')
             step, cmd, seconds, error = results.get()
             running.pop(step.name)
+            locks.release(step.name)
             if error is not None:
                 if failure is None:
                     failure = error
