@@ -80,6 +80,8 @@ def main(argv=None):
     if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
         raise InputError(f'--output_dir {out_dir}: is not empty (pass --overwrite to replace it)')
     inputs = load_inputs(refs_path, instances_path, images_dir, workers=os.cpu_count() or 1)  # before writing
+    if not train_annotations(inputs):  # nothing to turn weak: the splits would be copies without a train set
+        raise InputError(f"refs file '{refs_path}': no train refs (split 'train'), so there is nothing to split")
     check_free_space(out_dir, estimated_output_bytes(refs_path, instances_path, len(ratios)), '--output_dir',
                      f'the split files of {len(ratios)} ratio(s)')
     plans = plan_splits(inputs, ratios, args.seed)

@@ -153,13 +153,16 @@ def _plain_file_name(v):
             and '/' not in v and '\\' not in v)
 
 
+MAX_EPOCHS = 10000  # the papers train 40
+
 # dest -> (flag as the user types it, test, what it must be)
 FLAG_RULES = {
     'lr': ('--lr', lambda v: _finite(v) and v > 0, 'a finite number > 0'),
     'caption_lr': ('--caption_lr', lambda v: _finite(v) and v > 0, 'a finite number > 0'),
     'weight_decay': ('--wd', lambda v: _finite(v) and v >= 0, 'a finite number >= 0'),
     'fusion_drop': ('--fusion_drop', lambda v: _finite(v) and 0 <= v < 1, 'in [0, 1)'),
-    'epochs': ('--epochs', lambda v: v >= 1, '>= 1'),
+    # bounded: stage 3 plans its bank schedule epoch by epoch before the first step (--epochs 10**12 would hang)
+    'epochs': ('--epochs', lambda v: 1 <= v <= MAX_EPOCHS, f'between 1 and {MAX_EPOCHS}'),
     'batch_size': ('--batch-size', lambda v: v >= 1, '>= 1'),
     'workers': ('--workers', lambda v: v >= 0, '>= 0'),
     'print_freq': ('--print-freq', lambda v: v >= 1, '>= 1'),
@@ -168,6 +171,7 @@ FLAG_RULES = {
     'vis_num': ('--vis_num', lambda v: v >= 0, '>= 0'),
     'caption_inner_steps': ('--caption_inner_steps', lambda v: v >= 1, '>= 1'),
     'caption_update_every': ('--caption_update_every', lambda v: v >= 1, '>= 1'),
+    'seed': ('--seed', lambda v: 0 <= v < 2 ** 32, 'in [0, 2**32)'),  # torch / numpy refuse larger seeds
     'model_id': ('--model_id', _plain_file_name, 'a plain file name (not empty, no / or \\, no leading dot, '
                                                  'printable, <= 200 characters)'),
 }

@@ -236,3 +236,31 @@ def test_tensorboard_folder_unwritable_mid_run_is_one_clean_line(demo_root, smal
                                  f"('{out / 'tb_demo'}/events.out.tfevents.", script='train.py')
     assert "b'" not in line and 'Exception in thread' not in proc.stderr
     assert 'Epoch: [0] [2/7]' in proc.stderr  # it failed mid-run, not at the start
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. the probe's flag values (in-process; the command-line path of check_flag_values is tested elsewhere)
+
+
+@pytest.mark.parametrize('flag, bad', [('seed', 2 ** 70), ('seed', 2 ** 32), ('seed', -1),  # torch: an overflow
+                                       ('epochs', 10 ** 12)])  # stage 3 planned 10**12 epochs of bank steps
+def test_seed_and_epochs_out_of_range(flag, bad):
+    import argparse
+    import utils
+    with pytest.raises(utils.InputError, match=rf'^--{flag} {bad}: must be '):
+        utils.check_flag_values(argparse.Namespace(**{flag: bad}), (flag,))
+    utils.check_flag_values(argparse.Namespace(seed=2 ** 32 - 1, epochs=utils.MAX_EPOCHS), ('seed', 'epochs'))
+
+
+def test_mask_train_only_refuses_refs_without_a_train_split(demo_root, tmp_path):
+    """It wrote 5 ratios of splits with no train refs at all (exit 0)."""
+    import utils
+
+    def drop_train(refs, instances, image_dir):
+        refs[:] = [r for r in refs if r['split'] != 'train']
+
+    root = make_root(demo_root, tmp_path / 'root', drop_train)
+    with pytest.raises(utils.InputError, match=r"refs\(unc\)\.p': no train refs \(split 'train'\)"):
+        test_predict.load_script('mask_train_only.py').main(['--refer_data_root', str(root), '--output_dir',
+                                                             str(tmp_path / 'out')])
+    assert not (tmp_path / 'out').exists()
