@@ -123,10 +123,12 @@ class ReferDataset(Dataset):
     def __getitem__(self, index):
         ref_id = self.ref_ids[index]
         ref = self.refer.Refs[ref_id]
-        image = self.load_image(ref)
-        if ref_id in self.boxed_ref_ids:
-            image = add_random_boxes(image, size=occlusion_box_size(*image.size))  # before resizing, as the reference
-        target = Image.fromarray(self.refer.getMask(ref)['mask'])  # uint8 [H, W] in {0, 1}
+        image = self.load_image(ref)  # freshly decoded: the boxes may go on it in place
+        if ref_id in self.boxed_ref_ids:  # before resizing, as the reference
+            image = add_random_boxes(image, size=occlusion_box_size(*image.size), inplace=True)
+        target = self.refer.getMask(ref)['mask']  # uint8 [H, W] in {0, 1}
+        if not getattr(self.transform, 'accepts_arrays', False):
+            target = Image.fromarray(target)
         image, target = self.transform(image, target)  # [3, S, S] float32, [S, S] int64
 
         rows = self.sentence_rows(index)

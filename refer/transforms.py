@@ -1,5 +1,20 @@
 """Joint image / mask transforms (as the reference: resize to S x S, to tensor, ImageNet normalize)
-and the random-boxes augmentation."""
+and the random-boxes augmentation.
+
+`build_transform` returns `ResizeToTensorNormalize`: one step whose tensors are bit-identical to the
+reference's three steps, `Compose([Resize(S, S), ToTensor(), Normalize()])` (kept below), but with fewer
+copies. tests/test_loader_speed_equivalence.py checks this against a frozen copy of the old transform.
+  image  Pillow's bilinear resize as before. Torch's uint8 antialiased resize is faster but differs
+         from Pillow's by 1-2 levels on some pixels at some sizes, so it is not used. After the
+         resize: one uint8 HWC -> float CHW copy, then in-place / 255, - mean, / std. These are the
+         float32 operations of to_tensor + normalize, without their uint8 permute copy, float
+         temporary and clone.
+  mask   a uint8 array from the rasterizer (C or Fortran order) is resized by row/column indexing
+         with the indices that Pillow's NEAREST resize picks (read from Pillow itself, once per size),
+         not array -> PIL image -> resize -> array. A PIL mask goes the reference's way.
+"""
+from functools import lru_cache
+
 import numpy as np
 import torch
 from PIL import Image
@@ -47,19 +62,88 @@ class Normalize:
         return F.normalize(image, mean=self.mean, std=self.std), target
 
 
+@lru_cache(maxsize=64)
+def nearest_indices(in_size, out_size):
+    """int64 [out_size]: the source index of each output position when Pillow's NEAREST resize maps
+    `in_size` to `out_size`. Read from Pillow itself by resizing a 1-row image that holds 1..in_size.
+    Pillow tabulates x and y positions separately (ImagingScaleAffine), so a row of indices and a column
+    of indices give the whole 2-D mapping."""
+    ramp = Image.fromarray(np.arange(1, in_size + 1, dtype=np.int32)[None, :], 'I')
+    picked = np.asarray(ramp.resize((out_size, 1), Image.NEAREST), dtype=np.int64)[0] - 1
+    if picked.min() < 0:  # Pillow filled a position instead of sampling it (not expected for a whole image)
+        raise ValueError(f'no nearest-neighbour index map from {in_size} to {out_size} pixels')
+    picked.flags.writeable = False  # shared by every call
+    return picked
+
+
+def resize_mask_nearest(mask, h, w):
+    """uint8 array [H, W] -> int64 tensor [h, w], equal to torch.as_tensor(np.array(PIL NEAREST resize))."""
+    rows, cols = nearest_indices(mask.shape[0], h), nearest_indices(mask.shape[1], w)
+    if mask.flags.f_contiguous and not mask.flags.c_contiguous:  # pycocotools' masks: gather whole columns first
+        picked = mask[:, cols][rows]
+    else:
+        picked = mask[rows][:, cols]
+    return torch.from_numpy(picked.astype(np.int64))
+
+
+class ResizeToTensorNormalize:
+    """Resize(h, w) + ToTensor() + Normalize(), bit-identical, in one step (see the module docstring).
+    The image is a PIL image: RGB takes the fast path, other modes the reference's. The target is a PIL
+    image or a uint8 array [H, W] (`accepts_arrays`: the dataset passes the rasterized mask as it is)."""
+
+    accepts_arrays = True
+
+    def __init__(self, h, w, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.size = (h, w)
+        self.mean_std = list(mean), list(std)
+        self.mean = torch.as_tensor(list(mean), dtype=torch.float32).view(-1, 1, 1)  # as F.normalize builds them
+        self.std = torch.as_tensor(list(std), dtype=torch.float32).view(-1, 1, 1)
+
+    def image_tensor(self, image):
+        """PIL image -> float [C, h, w], resized and normalized."""
+        return self.normalized(F.resize(image, self.size, interpolation=InterpolationMode.BILINEAR))
+
+    def normalized(self, image):
+        """PIL image (resized) -> float [C, H, W]: F.normalize(F.to_tensor(image)), bit for bit."""
+        if image.mode != 'RGB' or torch.get_default_dtype() != torch.float32:
+            return F.normalize(F.to_tensor(image), *self.mean_std)  # the reference's two steps
+        pixels = np.asarray(image)  # uint8 [h, w, 3], a read-only view of Pillow's bytes
+        out = torch.empty(pixels.shape[2], pixels.shape[0], pixels.shape[1], dtype=torch.float32)
+        # allocated by torch, not numpy: in a loader worker a numpy-allocated output cost ~1,100 more
+        # page faults per item (measured on 800-px JPEGs at 480 px; see docs/benchmarks.md)
+        np.copyto(out.numpy(), pixels.transpose(2, 0, 1))  # the one copy: uint8 HWC -> float32 CHW (exact)
+        return out.div_(255).sub_(self.mean).div_(self.std)  # to_tensor's / 255, then normalize's ops
+
+    def target_tensor(self, target):
+        """PIL image or uint8 array [H, W] -> int64 [h, w], nearest."""
+        if isinstance(target, np.ndarray) and target.ndim == 2 and target.dtype == np.uint8:
+            return resize_mask_nearest(target, *self.size)
+        if isinstance(target, np.ndarray):
+            target = Image.fromarray(target)
+        target = F.resize(target, self.size, interpolation=InterpolationMode.NEAREST)
+        return torch.as_tensor(np.array(target), dtype=torch.int64)
+
+    def __call__(self, image, target):
+        return self.image_tensor(image), self.target_tensor(target)
+
+
 def build_transform(img_size):
-    return Compose([Resize(img_size, img_size), ToTensor(), Normalize()])
+    return ResizeToTensorNormalize(img_size, img_size)
 
 
-def add_random_boxes(image, min_num=20, max_num=60, size=32, generator=None):
+def add_random_boxes(image, min_num=20, max_num=60, size=32, generator=None, inplace=False):
     """Black out `min_num..max_num` random `size` x `size` boxes of a PIL RGB image (the reference's
     occlusion augmentation, applied at the original resolution). Randomness comes from torch
-    (`generator` or the global one) so DataLoader worker seeding makes it reproducible."""
-    pixels = np.array(image)  # [H, W, 3], a copy
-    h, w = pixels.shape[:2]
+    (`generator` or the global one) so DataLoader worker seeding makes it reproducible. A copy unless
+    `inplace` (the dataset's freshly decoded image). Boxes are filled by Pillow (clipped at the
+    borders, as numpy slicing clips them), with no round trip through numpy."""
+    w, h = image.size
     num = int(torch.randint(min_num, max_num + 1, (1,), generator=generator))
     ys = torch.randint(0, max(h - size, 0) + 1, (num,), generator=generator).tolist()
     xs = torch.randint(0, max(w - size, 0) + 1, (num,), generator=generator).tolist()
+    if not inplace:
+        image = image.copy()
+    black = 0 if len(image.getbands()) == 1 else (0,) * len(image.getbands())
     for y, x in zip(ys, xs):
-        pixels[y:y + size, x:x + size] = 0
-    return Image.fromarray(pixels)
+        image.paste(black, (x, y, x + size, y + size))
+    return image
