@@ -40,7 +40,8 @@ def step_hours(step, a, n_train):
 
 
 def graph(a, seeds, n_train):
-    argv = ['--refer_data_root', '/data', '--output_dir', '/out', '--epochs', str(a.epochs), '--ratios', *map(str, a.ratios),
+    argv = ['--refer_data_root', '/data', '--output_dir', '/out', '--epochs', str(a.epochs),
+            '--ratios', *map(str, a.ratios),
             '--seeds', *map(str, seeds)] + (['--full'] if a.full else [])
     cfg = Config(build_parser().parse_args(argv))
     plan = Plan(cfg)

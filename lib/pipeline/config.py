@@ -90,7 +90,8 @@ def build_parser():
                    help='processes (GPUs) per node of a training; locally 1 runs plain python, more torchrun')
     g.add_argument('--torchrun_args', default='', help="more torchrun flags (local), e.g. '--rdzv_conf timeout=1800'")
     g.add_argument('--jobs', type=int, default=1,
-                   help='steps run at the same time (CPU only; e.g. Naive-WREL beside the LRB chain)')
+                   help='steps run at the same time (CPU with --launcher local only; e.g. Naive-WREL beside '
+                        'the LRB chain)')
     g.add_argument('--workers', type=int, default=4, help='data-loading workers of every script')
     g.add_argument('--print_freq', type=int, default=10, help='--print-freq of the training scripts')
     g.add_argument('--progress_every', type=float, default=60,
@@ -105,7 +106,7 @@ def build_parser():
                         'from its last checkpoint')
     g.add_argument('--slurm_nodes', type=int, default=1, help='nodes per training (--nproc_per_node GPUs each)')
     g.add_argument('--slurm_cpus_per_task', type=int, default=None,
-                   help='CPUs per process (default: a GPU process 10, a CPU step 1)')
+                   help='CPUs per process (default: --workers + 1, the loader workers and the process itself)')
     g.add_argument('--slurm_mem', default=None, help="sbatch --mem per node, e.g. '64G' (default: the cluster's)")
     g.add_argument('--slurm_signal_delay', type=int, default=120,
                    help='seconds before the time limit at which a job is told to stop and requeue itself')
@@ -212,7 +213,8 @@ def validate(args):
                 raise InputError(f'--{flag}: only with --launcher slurm')
         if args.slurm_nodes != 1:
             raise InputError('--slurm_nodes: only with --launcher slurm (locally reproduce.py runs on one node; '
-                             'for several nodes without SLURM start one torchrun per node yourself, see docs/training.md)')
+                             'for several nodes without SLURM start one torchrun per node yourself, see '
+                             'docs/training.md)')
         if args.cancel or not args.follow:
             raise InputError(f"--{'cancel' if args.cancel else 'no-follow'}: only with --launcher slurm")
     # the teacher checkpoint must be one the Only-Accurate run writes

@@ -1,7 +1,8 @@
 """Step locks (locks/<step>.lock in the pipeline folder): two pipelines never train into the same step
 folder at once. A lock names its holder: a reproduce.py process (host, PID, start time, and the step's own
-process, which may outlive a killed pipeline for a moment) or a SLURM job (its id). A holder that is gone (a dead PID on this host, a job SLURM no longer lists) holds nothing, so a
-killed pipeline or job never blocks the next one; a live one is refused in one line naming it."""
+process, which may outlive a killed pipeline for a moment) or a SLURM job (its id). A holder that is gone
+(a dead PID on this host, a job SLURM no longer lists) holds nothing, so a killed pipeline or job never
+blocks the next one; a live one is refused in one line naming it."""
 import os
 import socket
 
