@@ -264,3 +264,22 @@ def test_mask_train_only_refuses_refs_without_a_train_split(demo_root, tmp_path)
         test_predict.load_script('mask_train_only.py').main(['--refer_data_root', str(root), '--output_dir',
                                                              str(tmp_path / 'out')])
     assert not (tmp_path / 'out').exists()
+
+
+def test_predictions_that_overflow_are_refused_not_scored():
+    """Weights that are finite but huge (a checkpoint x 1e38) give inf/NaN logits: evaluation (test.py, the
+    validation of every training) says so in one line instead of reporting oIoU 0."""
+    from lib.training.engine import evaluate
+    from utils import InputError
+    batch = {'input_ids': torch.ones(2, 1, 4, dtype=torch.long),
+             'attention_mask': torch.ones(2, 1, 4, dtype=torch.long), 'target': torch.zeros(2, 8, 8, dtype=torch.long), 'ref_id': torch.tensor([3, 4])}
+
+    def overflowing(sub):
+        logits = torch.zeros(2, 2, 8, 8)
+        logits[1, 0, 0, 0] = float('inf')
+        return logits
+
+    with pytest.raises(InputError, match=r"^the model's predictions are not finite \(NaN or inf\) for 1 of 2 "
+                                         r"sentences: its weights overflow"):
+        evaluate(overflowing, [batch], torch.device('cpu'))
+    assert evaluate(lambda sub: torch.zeros(2, 2, 8, 8), [batch], torch.device('cpu')) is not None

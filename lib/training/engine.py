@@ -134,6 +134,8 @@ def evaluate(predict, loader, device, *, desc='Test', on_prediction=None):
     all ranks (a collective: every rank must call it).
     """
     meter = RefSegMeter()
+    non_finite = torch.zeros((), dtype=torch.int64, device=device)  # sentences whose logits hold NaN/inf
+    sentences = 0
     for batch in _progress(loader, desc):
         batch = to_device(batch, device)
         ids, mask = batch['input_ids'], batch['attention_mask']
@@ -146,9 +148,18 @@ def evaluate(predict, loader, device, *, desc='Test', on_prediction=None):
             if isinstance(weak, torch.Tensor) and weak.dim() == 2:
                 sub['is_weak'] = weak[:, j]
             logits = predict(sub).float()
+            non_finite += (~torch.isfinite(logits).flatten(1).all(1)).sum()  # on the device: no sync here
+            sentences += logits.shape[0]
             meter.update(logits, batch['target'], tensor_keys(index, j))
             if on_prediction is not None:
                 on_prediction(sub, logits)
+    counts = torch.tensor([int(non_finite), sentences], dtype=torch.int64, device=device)
+    if distributed.is_dist():  # every rank raises or none does
+        torch.distributed.all_reduce(counts)
+    if counts[0] > 0:  # finite but huge weights overflow: scoring such outputs would report a silent 0
+        raise InputError(f'the model\'s predictions are not finite (NaN or inf) for {int(counts[0])} of '
+                         f'{int(counts[1])} sentences: its weights overflow or the run diverged; no metrics '
+                         f'are reported')
     return meter.reduce()
 
 
