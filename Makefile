@@ -15,7 +15,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # the demo: Only Accurate, Naive-WREL and LRB-WREL at 10 % accurate expressions through reproduce.py, the
 # pipeline that makes the paper's table, with a nano RMSIN on CPU. The learning rates are the paper's

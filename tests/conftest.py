@@ -84,15 +84,3 @@ def one_thread_per_module():
     """The same for a whole test file (`pytestmark = pytest.mark.usefixtures('one_thread_per_module')`):
     its tiny ops on 2 shared cores run far faster single-threaded; restored afterwards."""
     yield from _single_threaded()
-
-
-# The longest files first: with --no-loadscope-reorder (Makefile), pytest-xdist's --dist loadfile hands files to
-# the workers in collection order, so a long file collected last would run alone at the end (its own reorder
-# counts tests, not minutes). Order measured with --durations.
-LONGEST_FIRST = ('test_reproduce.py', 'test_reliability.py', 'test_lrb_cli.py', 'test_ops.py',
-                 'test_reliability_messages.py', 'test_reliability_kills.py', 'test_speed_options.py')
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: file order kept otherwise
