@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 
+from .locks import proc_stat
 from .manifests import finish_step, now, with_suppress, write_json
 from .runner import _LIBC, die_with_parent, failure_line, replace_flag
 
@@ -110,11 +111,8 @@ def _exited(pid, seconds):
     """Whether the child `pid` ended (a zombie or gone) within `seconds`, without reaping it."""
     deadline = time.time() + seconds
     while time.time() < deadline:
-        try:
-            with open(f'/proc/{pid}/stat') as f:
-                if f.read().rsplit(')', 1)[1].split()[0] in ('Z', 'X'):
-                    return True
-        except (OSError, IndexError):
+        fields = proc_stat(pid)
+        if not fields or fields[0] in ('Z', 'X'):
             return True
         time.sleep(0.2)
     return False

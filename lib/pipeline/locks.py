@@ -13,7 +13,7 @@ from .manifests import now, read_json, with_suppress, write_json
 HOST = socket.gethostname()
 
 
-def _stat(pid):
+def proc_stat(pid):
     """/proc/<pid>/stat's fields after the command name ([0] the state, [19] the start time), or None."""
     try:
         with open(f'/proc/{pid}/stat') as f:
@@ -24,7 +24,7 @@ def _stat(pid):
 
 def _start_time(pid):
     """The process's start time in clock ticks since boot, so a reused PID is not taken for it."""
-    fields = _stat(pid)
+    fields = proc_stat(pid)
     return int(fields[19]) if fields and len(fields) > 19 and fields[19].isdigit() else None
 
 
@@ -48,7 +48,7 @@ def process_alive(holder):
         return False
     except (PermissionError, TypeError):
         return True if isinstance(pid, int) else False
-    fields = _stat(pid)
+    fields = proc_stat(pid)
     if fields and fields[0] in ('Z', 'X'):  # exited, not yet reaped (an orphan waits for init)
         return False
     return holder.get('pid_start') is None or _start_time(pid) == holder.get('pid_start')

@@ -127,8 +127,7 @@ def submit_plan(cfg, plan, manifests, locks, env, say):
             if mode == 'reuse':
                 say(f'{tag}: reused ({reason})')
                 continue
-            locks.check([step.name])
-            rid = manifests.begin(step, mode)
+            rid = manifests.begin(step, mode)  # main checked every step's lock before submitting
             deps = [jobs[d]['job_id'] for d in step.deps if d in jobs]
             job = _submit(cfg, step, deps, plan, env)
             jobs[step.name] = {'job_id': job.job_id, 'result_id': rid, 'submitted': now()}
