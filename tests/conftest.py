@@ -4,6 +4,9 @@ shared_dir        Path of ../shared (the real RRSIS-D refs); tests using it skip
 rrsisd_refs_root  data root holding the real 17,402 refs + a synthesized instances.json (no images).
 demo_root         a small generated demo data root (40 images, 64 px), RRSIS-D layout.
 small_bert_dir    a small BERT (tokenizer + random weights) built on the demo expressions.
+
+Under pytest-xdist (make test: 2 workers) each worker's torch gets its share of the cores, as the scripts the
+tests run get OMP_NUM_THREADS=1: two workers of 2 threads each on 2 cores only wait for each other.
 """
 import json
 import os
@@ -63,6 +66,16 @@ def small_bert_dir(demo_root, tmp_path_factory):
     build_small_bert(collect_expressions(demo_root, 'rrsisd', 'unc'), out,
                      hidden_size=32, num_hidden_layers=10, num_attention_heads=2, seed=0)
     return out
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _cores_shared_between_workers():
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+    if workers > 1:
+        import torch
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // workers))
+    yield
 
 
 def _single_threaded():

@@ -60,14 +60,17 @@ def test_nano_shapes(nano, size):
 
 
 def test_gradients_reach_every_trainable_parameter():
-    model = build(1)
+    # float64: some weights' gradients are ~1e-13 here (a conv before a train-mode BatchNorm at 8 x 8), which
+    # float32 can round to exactly 0
+    model = build(1).double()
     model.train()
-    image = torch.randn(2, 3, 64, 64)
+    image = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     l_feats, l_mask = text()
-    model(image, l_feats, l_mask).logsumexp(1).mean().backward()
+    model(image, l_feats.double(), l_mask.double()).logsumexp(1).mean().backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert no_grad == []
-    zero = [n for n, p in model.named_parameters() if p.requires_grad and not p.grad.abs().sum() > 0]
+    # weights only: a bias just before a train-mode BatchNorm has a gradient of exactly 0 in exact math
+    zero = [n for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1 and not p.grad.abs().sum() > 0]
     assert zero == []
     # the only frozen weights: the last stage's gated sum, which feeds nothing in the reference either
     frozen = {n.split('.')[3] for n, p in model.named_parameters() if not p.requires_grad}

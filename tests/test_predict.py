@@ -5,7 +5,6 @@ size, every checkpoint kind, --threshold, and the one-line input errors."""
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from lib import inference
 from lib.model.build import build_model
 from lib.training.checkpoint import args_to_dict, save_checkpoint
 from lib.training.engine import predict_fn
+from tests import script_server
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = 'the storage tank at the top left'
@@ -83,7 +83,7 @@ def images(tmp_path_factory):
 def run_predict(args, check=True):
     cmd = [sys.executable, str(REPO / 'predict.py')] + [str(a) for a in args]
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = script_server.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f'{" ".join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')
     return proc

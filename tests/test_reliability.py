@@ -39,6 +39,7 @@ from lib import files  # noqa: E402
 from lib.training import checkpoint  # noqa: E402
 from refer import check  # noqa: E402
 from refer.refer import load_refs  # noqa: E402
+from tests import script_server  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------
@@ -46,8 +47,8 @@ from refer.refer import load_refs  # noqa: E402
 
 def run(script, *args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return script_server.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=timeout)
 
 
 def assert_one_line_error(proc, *needles, script=None):

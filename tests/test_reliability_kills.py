@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO / 'tests'))
 
 import test_predict  # noqa: E402
 from test_reliability import train_args  # noqa: E402
+from tests import script_server  # noqa: E402
 
 nano, run_predict = test_predict.nano, test_predict.run_predict  # nano: a module fixture, a random nano model
 
@@ -102,8 +103,8 @@ def hooked(tmp_path, script, args, kill_at=None, nth=1, scores=None):
     (hook / 'sitecustomize.py').write_text(HOOK.format(repo=str(REPO)))
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', PYTHONPATH=str(hook),
                LRB_TEST_SCORES=json.dumps(scores or {}), LRB_TEST_KILL_AT=kill_at or '', LRB_TEST_KILL_NTH=str(nth))
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return script_server.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
 
 
 def load(path):

@@ -15,14 +15,15 @@ import torch
 from test_reliability import REPO, assert_no_training, assert_one_line_error, model_args, train_args
 
 import utils  # the repository is on sys.path through test_reliability
+from tests import script_server
 from utils import InputError
 
 
 def run_all(*commands, timeout=300):
     """Run the (script, args) pairs at once -> their CompletedProcess-like results, in order."""
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    procs = [subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [script_server.popen([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for script, args in commands]
     results = []
     for proc, (script, args) in zip(procs, commands):

@@ -28,6 +28,7 @@ from lib import inference  # noqa: E402
 from refer.dataset import ReferDataset  # noqa: E402
 from test_reliability import ann_of, assert_one_line_error, first, make_root, model_args, train_args  # noqa: E402
 from test_reliability_messages import run_all  # noqa: E402
+from tests import script_server  # noqa: E402
 
 nano = test_predict.nano  # a module fixture: a random nano RMSIN + small BERT saved as train.py saves it
 pytestmark = pytest.mark.usefixtures('one_thread_per_module')
@@ -43,8 +44,8 @@ def run_hooked(tmp_path, *commands, timeout=300):
             folder.mkdir()
             (folder / 'sitecustomize.py').write_text(f'import sys\nsys.path.insert(0, {str(REPO)!r})\n{hook}')
             env['PYTHONPATH'] = str(folder)
-        procs.append(subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(script_server.popen([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
     for proc, (script, args, _) in zip(procs, commands):
         out, err = proc.communicate(timeout=timeout)

@@ -404,16 +404,16 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-def slurm_run(cluster, args, check=True, background=False):
+def slurm_run(cluster, args, check=True, background=False, env_extra=None):
     args = [str(a) for a in args]
     if '--jobs' in args:  # a local flag: SLURM runs the jobs side by side itself
         del args[args.index('--jobs'):args.index('--jobs') + 2]
     args += ['--launcher', 'slurm', '--poll', '0.5']
     if background:
-        env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', **cluster.env)
+        env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', **cluster.env, **(env_extra or {}))
         return subprocess.Popen([sys.executable, str(REPO / 'reproduce.py')] + args, cwd=REPO, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return run(args, check=check, env_extra=cluster.env)
+    return run(args, check=check, env_extra={**cluster.env, **(env_extra or {})})
 
 
 def job_lines(stdout):
@@ -425,10 +425,25 @@ def table_cells(out):
     return [{k: v for k, v in row.items() if k != 'checkpoint'} for row in read(out / 'table.json')['rows']]
 
 
+def copy_pipeline(src, dst, drop=()):
+    """A copy of a finished pipeline folder without its logs, table and figures, and without the steps of `drop`
+    (their stage folders, splits, results): a run on the copy reuses the rest (a step's configuration names
+    its files relative to the folder) and redoes those."""
+    import shutil
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns(
+        'logs', *(name for name in REWRITTEN if name != 'pipeline.json'), 'figure.json'))
+    for prefix in drop:
+        for path in [*(dst / 'stages').glob(f'{prefix}*'), *(dst / 'results').glob(f'{prefix}*'),
+                     *(dst / 'splits').glob(prefix)]:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return dst
+
+
 @pytest.fixture(scope='module')
 def slurm_pipeline(slurm, pipeline, tmp_path_factory):
-    """The module's pipeline again, every step a SLURM job."""
-    out = tmp_path_factory.mktemp('reproduce_slurm') / 'out'
+    """The module's pipeline again, the 10 % share's 11 steps (every kind of step) SLURM jobs this time; the
+    50 % share's steps are the local run's, reused."""
+    out = copy_pipeline(pipeline['out'], tmp_path_factory.mktemp('reproduce_slurm') / 'out', drop=['acc10'])
     args = pipeline['args'][:-1] + [out]
     assert pipeline['args'][-2] == '--output_dir'
     proc = slurm_run(slurm, args)
@@ -436,10 +451,12 @@ def slurm_pipeline(slurm, pipeline, tmp_path_factory):
 
 
 def test_slurm_gives_the_local_table(slurm, slurm_pipeline, pipeline):
-    """Every step a job, submitted at once with afterok dependencies; the same table as --launcher local."""
+    """Every step of a share a job, submitted at once with afterok dependencies; the same table as --launcher
+    local."""
     out, stdout = slurm_pipeline['out'], slurm_pipeline['proc'].stdout
     jobs = job_lines(stdout)
-    assert len(jobs) == 2 * STEPS_PER_SHARE
+    assert sorted(jobs) == sorted(p.name for p in (out / 'stages').glob('acc10-*'))
+    assert len(jobs) == STEPS_PER_SHARE and len(step_lines(stdout, 'reused')) == STEPS_PER_SHARE
     assert re.search(rf"acc10-lrb-stage3: job {jobs['acc10-lrb-stage3']} after jobs "
                      rf"{jobs['acc10-only-accurate']}, {jobs['acc10-lrb-stage2']}:", stdout)
     assert table_cells(out) == table_cells(pipeline['out'])
@@ -468,41 +485,73 @@ def wait_for(predicate, timeout, what):
     raise AssertionError(f'timed out after {timeout} s waiting for {what}')
 
 
-def test_slurm_time_limit_and_scancel_are_resumed(slurm, demo_root, small_bert_dir, tmp_path):
-    """One share with 1-minute jobs. Only Accurate (80 epochs, more than a minute) is told to stop by SLURM
-    before its time limit, requeues itself and continues from its model_last; Naive-WREL is cancelled with
-    scancel mid-training: the pipeline says so in one line and cancels its tests, and the next run continues
-    it from its model_last. The table completes."""
-    out = tmp_path / 'out'
-    args = pipeline_args(demo_root, small_bert_dir, out, '--stage1_epochs', '80', '--naive_epochs', '8',
-                         '--figure_samples', '0', '--slurm_time', '1', '--slurm_signal_delay', '20',
-                         '--slurm_max_requeues', '8')
+# In a step's training script (PYTHONPATH): once model_last_* is in place, the script sleeps, as if its next epoch
+# were long, until it is stopped (SLURM's signal before the time limit, scancel). LRB_TEST_STALL: the folder of
+# the markers the stalls leave (one per step); LRB_TEST_STALL_ONCE: the steps that stall only once.
+STALL_HOOK = """
+import os, sys, time
+_markers = os.environ.get('LRB_TEST_STALL')
+if _markers and os.path.basename(sys.argv[0]) in ('train.py', 'train_stu_base.py', 'train_stu_tea.py'):
+    _step = os.path.basename(os.path.normpath(sys.argv[sys.argv.index('--output-dir') + 1]))
+    _replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        _replace(src, dst, *args, **kwargs)
+        marker = os.path.join(_markers, _step)
+        once = _step in os.environ.get('LRB_TEST_STALL_ONCE', '').split(',')
+        if os.path.basename(os.fspath(dst)).startswith('model_last_') and not (once and os.path.exists(marker)):
+            with open(marker, 'a') as f:
+                f.write(str(os.getpid()) + chr(10))
+            time.sleep(600)
+
+    os.replace = replace
+"""
+
+
+def test_slurm_time_limit_and_scancel_are_resumed(slurm, pipeline, tmp_path):
+    """On a copy of the finished pipeline, the 10 % share with 1-minute jobs and Naive-WREL and LRB stage 3 to
+    redo, each stalling after its first checkpoint (STALL_HOOK). Naive-WREL is told to stop by SLURM before its
+    time limit, requeues itself, continues from its model_last and finishes, and its tests run after it; stage 3
+    is cancelled with scancel mid-training: the pipeline says so in one line and cancels its tests, and the next
+    run continues it from its model_last. The table completes."""
+    out = copy_pipeline(pipeline['out'], tmp_path / 'out', drop=['acc10-naive-wrel', 'acc10-lrb-stage3'])
+    args = pipeline['args'][:-1] + [out, '--naive_epochs', '3', '--stage3_epochs', '3', '--figure_samples', '0',
+                                    '--slurm_time', '1', '--slurm_signal_delay', '20', '--slurm_max_requeues', '8']
     args[args.index('--ratios') + 1:args.index('--ratios') + 3] = ['10']
-    proc = slurm_run(slurm, args, background=True)
-    naive = out / 'stages' / 'acc10-naive-wrel'
-    wait_for(lambda: (naive / 'model_last_RMSIN.pth').is_file(), 120, "Naive-WREL's first checkpoint")
-    job = read(out / 'slurm' / 'jobs.json')['steps']['acc10-naive-wrel']['job_id']
+    hook, markers = tmp_path / 'hook', tmp_path / 'stalls'
+    hook.mkdir()
+    markers.mkdir()
+    (hook / 'sitecustomize.py').write_text(STALL_HOOK)
+    proc = slurm_run(slurm, args, background=True, env_extra={
+        'PYTHONPATH': str(hook), 'LRB_TEST_STALL': str(markers), 'LRB_TEST_STALL_ONCE': 'acc10-naive-wrel'})
+    stage3 = out / 'stages' / 'acc10-lrb-stage3'
+    wait_for(lambda: (markers / stage3.name).is_file() or proc.poll() is not None, 180, "stage 3's first checkpoint")
+    assert (stage3 / 'model_last_RMSIN.pth').is_file(), proc.communicate()
+    job = read(out / 'slurm' / 'jobs.json')['steps'][stage3.name]['job_id']
     subprocess.run(['scancel', job], check=True, env=dict(os.environ, **slurm.env))
     stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 2 and 'Traceback' not in stderr
+    assert proc.returncode == 2 and 'Traceback' not in stderr, stdout[-3000:] + stderr[-3000:]
     line = stderr.strip().splitlines()[-1]
-    assert re.match(rf'reproduce.py: error: step acc10-naive-wrel \(job {job}\) ended without finishing '
-                    rf'\(CANCELLED\S*\); log: \S+acc10-naive-wrel.log', line), line
-    assert re.search(r'acc10-naive-wrel-val \(job \d+\): cancelled, it needs acc10-naive-wrel', stdout)
-    only_log = (out / 'logs' / 'acc10-only-accurate.log').read_text()
-    assert 'stopped for a requeue' in only_log and 'attempt 2' in only_log
-    resumed = [int(e) for e in re.findall(r'continuing at epoch (\d+)', only_log)]
+    assert re.match(rf'reproduce.py: error: step acc10-lrb-stage3 \(job {job}\) ended without finishing '
+                    rf'\(CANCELLED\S*\); log: \S+acc10-lrb-stage3.log', line), line
+    assert re.search(r'acc10-lrb-wrel-val \(job \d+\): cancelled, it needs acc10-lrb-stage3', stdout)
+    assert sorted(job_lines(stdout)) == sorted(['acc10-naive-wrel', 'acc10-naive-wrel-val', 'acc10-naive-wrel-test',
+                                                'acc10-lrb-stage3', 'acc10-lrb-wrel-val', 'acc10-lrb-wrel-test'])
+    naive_log = (out / 'logs' / 'acc10-naive-wrel.log').read_text()
+    assert 'stopped for a requeue' in naive_log and 'attempt 2' in naive_log
+    resumed = [int(e) for e in re.findall(r'continuing at epoch (\d+)', naive_log)]
     assert resumed and resumed[0] > 0  # continued, not restarted
-    assert (out / 'stages' / 'acc10-only-accurate' / 'stage.json').is_file()
+    assert (out / 'stages' / 'acc10-naive-wrel' / 'stage.json').is_file()
+    for split in ('val', 'test'):  # the requeued job's tests waited for it, then ran
+        assert re.search(rf'acc10-naive-wrel-{split} \(job \d+\): done', stdout), stdout
 
     # the time limit is not part of a step's configuration: the re-run gives the jobs room (on a loaded machine
-    # stage 3's single epoch may not fit in a 1-minute job)
+    # stage 3's single epoch may not fit in a 1-minute job); nothing stalls now
     again = slurm_run(slurm, args + ['--slurm_time', '10'])
-    assert {'acc10-naive-wrel', 'acc10-naive-wrel-test', 'acc10-naive-wrel-val'} <= set(job_lines(again.stdout))
-    assert 'acc10-only-accurate' not in job_lines(again.stdout)
-    assert 'acc10-naive-wrel: job' in again.stdout and 'continues from model_last_RMSIN.pth' in again.stdout
-    naive_log = (out / 'logs' / 'acc10-naive-wrel.log').read_text()
-    assert int(re.findall(r'continuing at epoch (\d+)', naive_log)[-1]) > 0
+    assert sorted(job_lines(again.stdout)) == ['acc10-lrb-stage3', 'acc10-lrb-wrel-test', 'acc10-lrb-wrel-val']
+    assert 'acc10-lrb-stage3: job' in again.stdout and 'continues from model_last_RMSIN.pth' in again.stdout
+    stage3_log = (out / 'logs' / 'acc10-lrb-stage3.log').read_text()
+    assert int(re.findall(r'continuing at epoch (\d+)', stage3_log)[-1]) > 0
     assert all(r['oIoU_test'] is not None for r in read(out / 'table.json')['rows'])
 
 

@@ -4,12 +4,13 @@ one process, exact resume, original-style checkpoints, and the one-line input er
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests import script_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ def run(script, args, nproc=1, check=True, env_extra=None):
         cmd += ['-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--standalone']
     cmd += [str(REPO / script)] + [str(a) for a in args]
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', **(env_extra or {}))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = script_server.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f'{" ".join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n'
                              f'{proc.stderr[-5000:]}')
