@@ -19,12 +19,14 @@ from lib.training.checkpoint import (
     check_checkpoint_space, load_checkpoint, load_model_and_bert, restore_stage1_files, restore_training_state,
     run_file_names, stage1_saver, training_checkpoint)
 from lib.training.data import build_data
+from lib.training.cuda_graphs import build_update
 from lib.training.engine import fit, predict_fn, supervised_step
 from lib.training.launch import end_epoch, launch, start_run
 from lib.training.losses import build_criterion
 from lib.training.optim import build_optimizer, build_param_groups, build_poly_scheduler, freeze_unoptimized
+from lib.training.step import compile_step
 from lib.training.summary import make_writer
-from lib.training.wrap import apply_speed_options, find_unused_parameters, wrap_for_distributed
+from lib.training.wrap import find_unused_parameters, wrap_for_distributed
 
 logger = logging.getLogger('lrb')
 
@@ -61,8 +63,6 @@ def run(args, env, batch_size):
         find_unused = bool(unused)
     ddp_model = wrap_for_distributed(model, env, find_unused)
     ddp_bert = wrap_for_distributed(bert, env, find_unused)
-    train_model, train_bert = apply_speed_options(ddp_model, args), apply_speed_options(ddp_bert, args)
-
     optimizer = build_optimizer(groups, args)
     lr_scheduler = build_poly_scheduler(optimizer, len(train_loader) * args.epochs)
     start_epoch, best_oiou = 0, -0.1
@@ -87,8 +87,9 @@ def run(args, env, batch_size):
                                   replaces=run_file_names(args.model_id, 0))
     writer = make_writer(args.output_dir, args.model_id, fresh=args.overwrite)
     start = time.time()
-    fit(train_step=supervised_step(train_model, train_bert, build_criterion().to(env.device)),
-        predict=predict_fn(model, bert, args.amp),
+    # --compile: BERT + RMSIN + loss as one graph; evaluation (predict) stays eager on the plain modules
+    step = compile_step(supervised_step(ddp_model, ddp_bert, build_criterion().to(env.device)), args, env.distributed)
+    fit(train_step=step, update=build_update(step, optimizer, args, env.device), predict=predict_fn(model, bert, args.amp),
         train_loader=train_loader, val_loader=val_loader, optimizer=optimizer,
         lr_scheduler=lr_scheduler, start_epoch=start_epoch, epochs=stop_epoch, best={'oIoU': best_oiou},
         device=env.device, save=stage1_saver(make_state, args.output_dir, args.model_id),

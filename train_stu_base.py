@@ -22,6 +22,7 @@ from lib.model.build import build_model
 from lib.training.checkpoint import (
     check_checkpoint_space, load_model_and_bert, restore_training_state, save_checkpoint, training_checkpoint)
 from lib.training.data import build_data
+from lib.training.cuda_graphs import build_update
 from lib.training.engine import fit
 from lib.training.launch import end_epoch, launch
 from lib.training.losses import build_criterion
@@ -29,8 +30,9 @@ from lib.training.lrb.bank import (
     N_PROMPT, ReferenceBank, bank_path, build_bank_optimizer, check_bank_in_sync, weak_ref_ids)
 from lib.training.lrb.stages import Stage2Bank, bank_predict_fn, open_stage_run, stage_file_names, validate_stage_args
 from lib.training.optim import build_poly_scheduler
+from lib.training.step import compile_step
 from lib.training.summary import make_writer
-from lib.training.wrap import apply_speed_options, wrap_for_distributed
+from lib.training.wrap import wrap_for_distributed
 
 logger = logging.getLogger('lrb')
 
@@ -85,9 +87,9 @@ def run(args, env, batch_size):
     if stop_epoch is None:
         return
 
-    # --compile: the frozen teacher's forward and backward (to the bank) compiled; evaluation stays eager
-    stage = Stage2Bank(apply_speed_options(model, args), apply_speed_options(bert, args), bank,
-                           build_criterion().to(env.device))
+    # --compile: bank fill + frozen teacher + loss as one graph (and its backward to the bank); evaluation
+    # stays eager
+    stage = compile_step(Stage2Bank(model, bert, bank, build_criterion().to(env.device)), args, env.distributed)
 
     def set_modes(training):
         model.train(training)  # drop-path and BatchNorm statistics active while the bank learns
@@ -106,7 +108,8 @@ def run(args, env, batch_size):
     check_checkpoint_space(args.output_dir, (model, bert, bank), optimizer,
                                   replaces=stage_file_names(STAGE, args.model_id))
     writer = make_writer(args.output_dir, args.model_id, fresh=args.overwrite)
-    fit(train_step=stage.step, predict=bank_predict_fn(model, bert, bank, args.amp),
+    fit(train_step=stage, update=build_update(stage, optimizer, args, env.device),
+        predict=bank_predict_fn(model, bert, bank, args.amp),
         train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, lr_scheduler=lr_scheduler,
         start_epoch=start_epoch, epochs=stop_epoch, best=best, device=env.device, save=save,
         print_freq=args.print_freq, amp=args.amp, writer=writer, set_modes=set_modes,

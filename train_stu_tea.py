@@ -28,6 +28,7 @@ from lib.training.checkpoint import (
     check_checkpoint_space, copy_atomic, load_model_and_bert, load_weights, restore_best_files, restore_training_state,
     save_checkpoint, training_checkpoint)
 from lib.training.data import build_data
+from lib.training.cuda_graphs import build_update, graph_stage3
 from lib.training.engine import fit, predict_fn
 from lib.training.launch import end_epoch, launch
 from lib.training.losses import build_criterion
@@ -35,8 +36,9 @@ from lib.training.lrb.bank import ReferenceBank, bank_path, build_bank_optimizer
 from lib.training.lrb.schedule import count_bank_steps
 from lib.training.lrb.stages import Stage3Joint, open_stage_run, stage_file_names, validate_stage_args
 from lib.training.optim import build_optimizer, build_param_groups, build_poly_scheduler, freeze_unoptimized
+from lib.training.step import compile_step
 from lib.training.summary import make_writer
-from lib.training.wrap import apply_speed_options, find_unused_parameters, wrap_for_distributed
+from lib.training.wrap import find_unused_parameters, wrap_for_distributed
 
 logger = logging.getLogger('lrb')
 
@@ -114,12 +116,15 @@ def run(args, env, batch_size):
     if stop_epoch is None:
         return
 
-    train_student, train_bert = apply_speed_options(ddp_student, args), apply_speed_options(ddp_bert, args)
-    joint = Stage3Joint(train_student, teacher, train_bert, bank, build_criterion().to(env.device),
+    joint = Stage3Joint(ddp_student, teacher, ddp_bert, bank, build_criterion().to(env.device),
                         bank_optimizer, bank_scheduler, inner_steps=args.caption_inner_steps,
                         update_every=args.caption_update_every, is_weak=is_weak, batch_size=batch_size,
                         world_size=env.world_size, seed=args.seed, steps_per_epoch=len(train_loader),
                         amp=args.amp)
+    # --compile: the student's step and the bank's step each one graph; --cuda_graphs: each replayed
+    compile_step(joint, args, env.distributed)
+    if args.cuda_graphs:
+        graph_stage3(joint)
 
     def set_modes(training):
         ddp_student.train(training)
@@ -146,7 +151,7 @@ def run(args, env, batch_size):
     check_checkpoint_space(args.output_dir, (student, teacher, bert, bank), [optimizer, bank_optimizer],
                                   replaces=stage_file_names(STAGE, args.model_id))
     writer = make_writer(args.output_dir, args.model_id, fresh=args.overwrite)
-    fit(train_step=joint.step, predict=predict_fn(student, bert, args.amp),
+    fit(train_step=joint, update=build_update(joint, optimizer, args, env.device), predict=predict_fn(student, bert, args.amp),
         train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, lr_scheduler=lr_scheduler,
         start_epoch=start_epoch, epochs=stop_epoch, best=best, device=env.device, save=save,
         print_freq=args.print_freq, amp=args.amp, writer=writer, set_modes=set_modes,

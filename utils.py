@@ -271,8 +271,12 @@ def get_parser():
     parser.add_argument('--amp', action='store_true', help='bf16 autocast on GPU')
     # speed / memory options: off by default; none changes the math beyond rounding (bench/compare_original.py)
     parser.add_argument('--compile', nargs='?', const='inductor', default='', metavar='BACKEND',
-                        help='torch.compile the training forward/backward (default backend inductor; the first '
-                             'steps are slow while it compiles); evaluation stays eager')
+                        help='torch.compile each training step (text encoder, bank fill, RMSIN and loss) as one '
+                             'graph (default backend inductor; the first steps are slow while it compiles); '
+                             'evaluation stays eager')
+    parser.add_argument('--cuda_graphs', action='store_true',
+                        help='capture the whole training update (forward, backward, optimizer step) once as a '
+                             'CUDA graph and replay it (one process on a GPU; after 3 eager iterations)')
     parser.add_argument('--fused_adamw', action='store_true', help="AdamW's fused kernel (CUDA and CPU)")
     parser.add_argument('--channels_last', action='store_true',
                         help="channels-last (NHWC) memory for the decoder's convolutions")

@@ -24,10 +24,12 @@ import utils  # noqa: E402
 from bench import bench_train  # noqa: E402
 from lib.model.build import text_encoder_of  # noqa: E402
 from lib.training import distributed, engine  # noqa: E402
+from lib.training.cuda_graphs import build_update, graph_stage3  # noqa: E402
 from lib.training.losses import build_criterion  # noqa: E402
 from lib.training.lrb.bank import N_PROMPT, ReferenceBank, build_bank_optimizer  # noqa: E402
 from lib.training.lrb.stages import Stage2Bank, Stage3Joint  # noqa: E402
 from lib.training.optim import build_optimizer, build_param_groups, build_poly_scheduler, freeze_unoptimized  # noqa: E402
+from lib.training.step import compile_step  # noqa: E402
 
 
 def get_args(argv=None):
@@ -83,16 +85,24 @@ def build_stages(args):
     frozen = copy.deepcopy(model).train()
     for p in frozen.parameters():
         p.requires_grad_(False)
-    stage2 = Stage2Bank(frozen, bert, bank, criterion)
+    # --compile: each stage's step one graph; --cuda_graphs: each update replayed (as the scripts set them up)
+    stage1 = compile_step(engine.supervised_step(model, bert, criterion), args)
+    stage2 = compile_step(Stage2Bank(frozen, bert, bank, criterion), args)
+    compile_step(joint, args)
+    if getattr(args, 'cuda_graphs', False):
+        graph_stage3(joint)
+    updates = {'stage1': build_update(stage1, optimizer, args, device),
+               'stage2': build_update(stage2, bank_opt, args, device),
+               'stage3': build_update(joint, optimizer, args, device)}
 
-    def epoch(step, opt, sched, **hooks):
+    def epoch(name, step, opt, sched, **hooks):
         engine.train_one_epoch(step, [batch] * n, opt, sched, 0, device=device, print_freq=10 ** 9, amp=args.amp,
-                               **hooks)
+                               update=updates[name], **hooks)
 
     variants = {
-        'stage1': lambda: epoch(engine.supervised_step(model, bert, criterion), optimizer, scheduler),
-        'stage2': lambda: epoch(stage2.step, bank_opt, bank_sched, after_backward=stage2.after_backward),
-        'stage3': lambda: epoch(joint.step, optimizer, scheduler, before_step=joint.before_step,
+        'stage1': lambda: epoch('stage1', stage1, optimizer, scheduler),
+        'stage2': lambda: epoch('stage2', stage2, bank_opt, bank_sched, after_backward=stage2.after_backward),
+        'stage3': lambda: epoch('stage3', joint, optimizer, scheduler, before_step=joint.before_step,
                                 after_step=joint.after_step),
     }
     model.train()

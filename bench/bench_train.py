@@ -21,7 +21,7 @@ from lib.model.build import build_model, text_encoder_of  # noqa: E402
 from lib.training import distributed, engine  # noqa: E402
 from lib.training.losses import build_criterion  # noqa: E402
 from lib.training.optim import build_optimizer, build_param_groups, build_poly_scheduler, freeze_unoptimized  # noqa: E402
-from lib.training.wrap import apply_speed_options  # noqa: E402
+from lib.training.step import compile_step  # noqa: E402
 
 
 def get_args(argv=None):
@@ -73,7 +73,7 @@ def synthetic_batch(batch, size, vocab):
 
 def build_training(args, device):
     """The real stage-1 set-up on one synthetic batch: model, BERT, parameter groups, AdamW, poly schedule,
-    criterion, and the step (under --compile: the compiled modules) -> (step, optimizer, scheduler, batch, model)."""
+    criterion, and the step (under --compile: compiled as one graph) -> (step, optimizer, scheduler, batch, model)."""
     model, bert = build(args, device)
     groups = build_param_groups(model, bert)
     freeze_unoptimized({'model': model, 'bert': bert}, groups)
@@ -81,8 +81,7 @@ def build_training(args, device):
     scheduler = build_poly_scheduler(optimizer, args.warmup + args.iters)
     text = text_encoder_of(model, bert)
     batch = synthetic_batch(args.batch_size, args.img_size, text.config.vocab_size)
-    step = engine.supervised_step(apply_speed_options(model, args), apply_speed_options(bert, args),
-                                  build_criterion().to(device))  # --compile
+    step = compile_step(engine.supervised_step(model, bert, build_criterion().to(device)), args)  # --compile
     model.train()
     return step, optimizer, scheduler, batch, model
 

@@ -21,8 +21,8 @@ same CPU-resident batch, which each loop moves to the device itself. Variants (`
   BASE+OPTION...    with speed options: compile, fused_adamw, channels_last, checkpoint (activations),
                     pin_mem (pinned host batch), cudnn_benchmark (no flag yet: cudnn.benchmark while it runs),
                     ddp (DDP in a 1-process group, as train.py under torchrun: the paper's 4-GPU setting),
-                    cudagraphs (with compile: torch.compile's mode='reduce-overhead', CUDA graphs; an
-                    experiment, no flag yet: the step is bound by the host on an H100, see docs/benchmarks.md)
+                    cudagraphs (--cuda_graphs: the whole update captured as one CUDA graph and replayed;
+                    with or without compile; not with ddp)
 Timing: warm-up (compiles happen there), then --rounds rounds that each run every variant for --iters
 iterations in turn, so drift on a shared machine hits all alike; the median round is reported. Compiled
 variants are timed afterwards, alternating with their eager twin: the compiler leaves a large heap, which
@@ -73,7 +73,9 @@ from lib.training import engine  # noqa: E402
 from lib.training.checkpoint import load_weights  # noqa: E402
 from lib.training.losses import build_criterion  # noqa: E402
 from lib.training.optim import build_optimizer, build_param_groups, build_poly_scheduler, freeze_unoptimized  # noqa: E402
-from lib.training.wrap import apply_speed_options, wrap_for_distributed  # noqa: E402
+from lib.training.cuda_graphs import build_update  # noqa: E402
+from lib.training.step import compile_step  # noqa: E402
+from lib.training.wrap import wrap_for_distributed  # noqa: E402
 
 CONFIGS = {
     'paper': dict(swin_type='base', img_size=480, batch=2, bert_layers=12),
@@ -295,8 +297,8 @@ def parse_variant(name):
     unknown = options - set(OPTIONS)
     if unknown or (base.startswith('original') and options):
         raise utils.InputError(f'--variants {name}: options are {", ".join(OPTIONS)}, for ours only')
-    if 'cudagraphs' in options and 'compile' not in options:
-        raise utils.InputError(f'--variants {name}: cudagraphs is a mode of compile (add +compile)')
+    if {'cudagraphs', 'ddp'} <= options:
+        raise utils.InputError(f'--variants {name}: cudagraphs runs in one process only (drop ddp)')
     return base, options
 
 
@@ -415,6 +417,7 @@ class OursVariant:
         flags += ['--fused_adamw'] if 'fused_adamw' in options else []
         flags += ['--channels_last'] if 'channels_last' in options else []
         flags += ['--checkpoint_activations'] if 'checkpoint' in options else []
+        flags += ['--cuda_graphs', '--device', str(device)] if 'cudagraphs' in options else []
         self.args = args = utils.get_parser().parse_args(flags)
         with torch.device('meta'), _quiet():
             model = segmentation.lavt('', args, text_dim=_width(cfg))
@@ -432,11 +435,9 @@ class OursVariant:
             from lib.training.distributed import DistEnv
             env = DistEnv(True, 0, 1, device.index or 0, device)
             model, bert = wrap_for_distributed(model, env), wrap_for_distributed(bert, env)
-        if 'cudagraphs' in options:  # inductor with CUDA graphs (replayed launches) instead of the flag's default mode
-            speed = lambda m: torch.compile(m, mode='reduce-overhead', dynamic=False)  # noqa: E731
-        else:
-            speed = lambda m: apply_speed_options(m, args)  # noqa: E731
-        self.step = engine.supervised_step(speed(model), speed(bert), build_criterion().to(device))
+        self.step = compile_step(engine.supervised_step(model, bert, build_criterion().to(device)), args,
+                                 distributed='ddp' in options)
+        self.update = build_update(self.step, self.optimizer, args, device)  # +cudagraphs
         pin = 'pin_mem' in options and device.type == 'cuda'  # pinning needs a GPU
         self.batch = {k: v.pin_memory() for k, v in batch.items()} if pin else batch
         model.train()
@@ -450,7 +451,7 @@ class OursVariant:
         torch.backends.cudnn.benchmark = self.cudnn_benchmark
         try:
             engine.train_one_epoch(self.step, [self.batch] * n, self.optimizer, self.scheduler, 0,
-                                   device=self.device, print_freq=10, amp=self.amp)
+                                   device=self.device, print_freq=10, amp=self.amp, update=self.update)
             _sync(self.device)
         finally:
             torch.backends.cudnn.benchmark = saved

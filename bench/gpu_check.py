@@ -5,6 +5,10 @@ time both, and time a training step of the full model. Finishes in a few minutes
     python bench/gpu_check.py --cpu-smoke      # tiny sizes on CPU: exercises every section's code path
     python bench/gpu_check.py --original_dir .original   # + our training iteration against the original's
 
+`steps` (issue 21) first checks the --cuda_graphs updates of all three stages against the eager ones, then
+times each stage eager, with --cuda_graphs and with --compile --cuda_graphs at batch 8 and 2 (bf16, Swin-B
+480), with stage 1's MFU.
+
 The speed sections (bench/compare_original.py, bench/bench_loader.py): `compare` times the original's
 training iteration and ours (fp32, bf16, each speed option) alternating at the paper's config (Swin-B,
 480 px, batch 2) and a throughput one (batch 8), then --compile and CUDA graphs at batch 8 while the time
@@ -306,6 +310,75 @@ def lrb_stages(smoke, device):
     return figures
 
 
+STEP_VARIANTS = (('eager', []), ('cuda_graphs', ['--cuda_graphs']),
+                 ('compile+cuda_graphs', ['--compile', '--cuda_graphs']))
+COMPILE_MIN_S = 150  # a compiled variant starts only with this much of the time budget left (Swin-B compiles)
+
+
+def stage1_flops(argv):
+    """FLOPs of one stage-1 forward + backward at the configuration of `argv` (bench_train's flags)."""
+    import bench_train
+    from torch.utils.flop_counter import FlopCounterMode
+    args = bench_train.get_args(argv)
+    step, optimizer, _, batch, _ = bench_train.build_training(args, torch.device(args.device))
+    batch = {k: v.to(args.device) for k, v in batch.items()}
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=args.amp and args.device == 'cuda'):
+            loss = step(batch)
+        loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def step_variants(report, smoke, device):
+    """Issue 21: the three stages' iterations (bench_lrb: the real stage code in the engine loop) eager, with
+    --cuda_graphs and with --compile --cuda_graphs, at batch 8 and the paper's batch 2, bf16, Swin-B 480, a
+    bank of RRSIS-D's 10 % size; it/s and stage 1's MFU. First the graphed updates against the eager ones
+    (tests/test_step_graphs.py's GPU test, every stage)."""
+    import bench_lrb
+    from compare_original import device_peak_tflops
+    figures = {'equal_to_eager': {}, 'runs': {}}
+    if device == 'cuda':
+        sys.path.insert(0, str(REPO / 'tests'))
+        import test_step_graphs
+        for stage in ('stage1', 'stage2', 'stage3'):
+            try:
+                test_step_graphs.test_cuda_graph_updates_equal_the_eager_ones(stage)
+                figures['equal_to_eager'][stage] = 'PASS'
+            except AssertionError as e:
+                figures['equal_to_eager'][stage] = f'FAIL: {e}'
+            log(f'steps graphed {stage} equals eager: {figures["equal_to_eager"][stage]}')
+    peak_bf16 = device_peak_tflops(torch.device(device))[0] if device == 'cuda' else None
+    for batch in ((2,) if smoke else (8, 2)):
+        config = ['--device', device, '--swin_type', 'nano' if smoke else 'base', '--img_size', '64' if smoke else '480',
+                  '--window12', '-b', str(batch)] + (['--bert_hidden', '64', '--bert_layers', '2'] if smoke else [])
+        config += [] if smoke else ['--amp']
+        flops = stage1_flops(config)
+        for name, flags in STEP_VARIANTS:
+            if device != 'cuda' and 'cuda_graphs' in name:
+                continue
+            if 'compile' in name and report.time_budget_s - report.elapsed() < COMPILE_MIN_S:
+                report.skip(f'steps batch {batch} {name}', 'time budget used up')
+                continue
+            argv = config + flags + ['--iters', '1' if smoke else '10', '--warmup', '4',
+                                     '--bank_refs', '50' if smoke else '11000', '--rounds', '2']
+            r = bench_lrb.measure(bench_lrb.get_args(argv))
+            run = {f'stage{k}_it_s': 1000 / r[f'stage{k}_ms'] for k in (1, 2, 3)}
+            run.update(stage3_over_stage1=r['stage3_over_stage1'], peak_memory_gib=r['peak_memory_mib'] / 1024,
+                       stage1_tflops=flops * run['stage1_it_s'] / 1e12)
+            if peak_bf16:
+                run['stage1_mfu'] = run['stage1_tflops'] / peak_bf16
+            figures['runs'][f'batch{batch} {name}'] = run
+            log(f'steps batch {batch} {name}: stage1 {run["stage1_it_s"]:.2f} it/s, stage2 {run["stage2_it_s"]:.2f}, '
+                f'stage3 {run["stage3_it_s"]:.2f} (stage3/stage1 time x{run["stage3_over_stage1"]:.2f}); '
+                f'stage1 {run["stage1_tflops"]:.1f} TFLOP/s' + (f' = MFU {100 * run["stage1_mfu"]:.1f} %' if peak_bf16
+                                                             else '') + f'; peak {run["peak_memory_gib"]:.1f} GiB')
+            if device == 'cuda':
+                gc.collect()
+                torch.cuda.empty_cache()
+    return figures
+
+
 def stages_cli(device):
     """The whole method through its command lines on the GPU, small: demo data (40 images, 64 px), small BERT,
     the 90 % split, train.py (fp32) -> train_stu_base.py (fp32) -> train_stu_tea.py (--amp) -> test.py."""
@@ -602,6 +675,7 @@ def main(argv=None):
 
     if has_cuda or args.cpu_smoke:
         report.run('speed', speed, args.cpu_smoke, device)
+        report.run('steps', step_variants, report, args.cpu_smoke, device)  # issue 21: eager / graphs / compiled
         if args.skip_train:
             report.skip('train', '--skip-train')
         else:

@@ -1,6 +1,6 @@
 """Speed and memory options (--checkpoint_activations, --channels_last, --fused_adamw, --compile): each
 changes no math beyond rounding. One CPU training step of the nano RMSIN + small BERT through the engine
-(build_model, build_optimizer, apply_speed_options, train_one_epoch) against the same step without it.
+(build_model, build_optimizer, compile_step, train_one_epoch) against the same step without it.
 
 --compile runs with the aot_eager backend here (dynamo capture + AOT autograd; with --checkpoint_activations),
 under DDP with the eager one (capture and DDP's graph split): inductor's first compile of the model takes many minutes on a small
@@ -23,7 +23,8 @@ from lib.training.launch import check_compile_backend
 from lib.training.losses import build_criterion
 from lib.training.lrb.bank import N_PROMPT, ReferenceBank, filled_text_features
 from lib.training.optim import build_optimizer, build_param_groups, build_poly_scheduler, freeze_unoptimized
-from lib.training.wrap import apply_speed_options, wrap_for_distributed
+from lib.training.step import compile_step
+from lib.training.wrap import wrap_for_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device('cpu')
@@ -64,8 +65,8 @@ def one_step(bert_dir, *flags, wrap=None):
     """-> (loss, {name: grad}, {name: parameter after the step}, model, optimizer)."""
     args, model, bert, train_model, optimizer = build(bert_dir, *flags, wrap=wrap)
     scheduler = build_poly_scheduler(optimizer, 10)
-    step = engine.supervised_step(apply_speed_options(train_model, args), apply_speed_options(bert, args),
-                                  build_criterion())
+    step = compile_step(engine.supervised_step(train_model, bert, build_criterion()), args,
+                        distributed=wrap is not None)
     model.train()
     bert.eval()
     named = [(f'model.{n}', p) for n, p in model.named_parameters()] + \
@@ -106,7 +107,9 @@ def test_options_are_off_by_default(small_bert_dir, baseline):
     assert not any(m.use_checkpoint for m in model.modules() if isinstance(m, MMBasicLayer))
     assert not model.classifier.channels_last
     assert not optimizer.param_groups[0]['fused']
-    assert apply_speed_options(model, args) is model
+    step = engine.supervised_step(model, None, build_criterion())
+    plain = step.loss
+    assert compile_step(step, args).loss == plain  # not compiled
     assert make_args(small_bert_dir, '--compile').compile == 'inductor'
 
 
@@ -270,7 +273,8 @@ def test_compare_original_variant_names():
     sys.path.insert(0, str(REPO / 'bench'))
     import compare_original as co
     assert co.parse_variant('bf16+compile+cudagraphs+fused_adamw') == ('bf16', {'compile', 'cudagraphs', 'fused_adamw'})
-    for bad in ('fp32+cudagraphs', 'original+ddp', 'fp16', 'fp32+nosuch'):
+    assert co.parse_variant('fp32+cudagraphs') == ('fp32', {'cudagraphs'})  # --cuda_graphs, compiled or not
+    for bad in ('fp32+cudagraphs+ddp', 'original+ddp', 'fp16', 'fp32+nosuch'):
         with pytest.raises(utils.InputError, match=re.escape(f'--variants {bad}:')):
             co.parse_variant(bad)
     names = ['bf16', 'bf16+fused_adamw', 'bf16+compile+cudagraphs+fused_adamw']

@@ -97,7 +97,7 @@ def test_bank_grad_equals_the_subset_formulation(case):
     batch = ragged(make_batch(b=4, n=10, seed=3), [3, 6, 2, 9])
     batch['ref_id'] = torch.tensor(WEAK_CASES[case])
     rows = joint.bank.lookup(batch['ref_id'])
-    new, old = joint.bank_grad(batch, rows), subset_bank_grad(joint, batch, rows)
+    new, old = joint.bank_grad(joint.inputs(batch), rows), subset_bank_grad(joint, batch, rows)
     assert new.shape == old.shape == joint.bank.embedding.shape
     assert_close(new, old)
     touched = torch.zeros(len(BANK_IDS), dtype=torch.bool)
@@ -119,7 +119,7 @@ def test_bank_grad_equals_the_subset_formulation_on_the_nano_rmsin(case):
     rows = joint.bank.lookup(batch['ref_id'])
     # float32 through ~30 layers whose matrix products change shape with the batch: 1.3e-6 of the largest
     # entry measured (the stand-in: below 1e-6)
-    assert_close(joint.bank_grad(batch, rows), subset_bank_grad(joint, batch, rows), rel=5e-6)
+    assert_close(joint.bank_grad(joint.inputs(batch), rows), subset_bank_grad(joint, batch, rows), rel=5e-6)
 
 
 def test_fill_on_the_whole_batch_leaves_non_weak_rows_as_bert_gives_them():
@@ -151,7 +151,7 @@ def test_no_weak_sample_on_this_process_steps_with_a_zero_gradient():
     joint.plan = [True]
     batch = make_batch(b=4, seed=1)
     batch['ref_id'] = torch.tensor(WEAK_CASES['none'])
-    assert not joint.bank_grad(batch, joint.bank.lookup(batch['ref_id'])).any()
+    assert not joint.bank_grad(joint.inputs(batch), joint.bank.lookup(batch['ref_id'])).any()
     before = joint.bank.embedding.detach().clone()
     lr, wd = joint.bank_optimizer.param_groups[0]['lr'], joint.bank_optimizer.param_groups[0]['weight_decay']
     joint.before_step(0, batch)
@@ -169,7 +169,7 @@ def test_bank_loss_is_one_graph_without_host_syncs():
     rows = joint.bank.lookup(batch['ref_id'])
     torch._dynamo.reset()
     try:
-        static = torch._dynamo.explain(joint.bank_loss)(batch, rows)
+        static = torch._dynamo.explain(joint.bank_loss)(*joint.inputs(batch))
         subset = torch._dynamo.explain(lambda b, r: subset_loss(joint, b, r))(batch, rows)
     finally:
         torch._dynamo.reset()

@@ -7,7 +7,6 @@
 
 Epochs are numbered from 0 and the checkpoint's `epoch` is the last finished one (reference layout).
 """
-import contextlib
 import datetime
 import logging
 import math
@@ -21,6 +20,7 @@ from utils import InputError
 
 from . import distributed
 from .metrics import RefSegMeter, format_results, tensor_keys
+from .step import EagerUpdate, SupervisedStep, autocast
 
 logger = logging.getLogger('lrb')
 
@@ -34,19 +34,9 @@ def to_device(batch, device):
                 else v) for k, v in batch.items()}
 
 
-def autocast(device, enabled):
-    """bf16 autocast on GPU; a no-op elsewhere."""
-    if enabled and device.type == 'cuda':
-        return torch.autocast('cuda', dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def supervised_step(model, bert, criterion):
-    """The stage-1 step: batch -> loss."""
-    def step(batch):
-        logits = segment(model, bert, batch['image'], batch['input_ids'], batch['attention_mask'])
-        return criterion(logits, batch['target'])
-    return step
+    """The stage-1 step: batch -> loss (`SupervisedStep`)."""
+    return SupervisedStep(model, bert, criterion)
 
 
 def _progress(iterable, desc, total=None):
@@ -57,13 +47,15 @@ def _progress(iterable, desc, total=None):
 
 def train_one_epoch(step_fn, loader, optimizer, lr_scheduler, epoch, *, device, print_freq=10,
                     amp=False, before_step=None, after_backward=None, after_step=None, writer=None,
-                    global_step=0):
+                    global_step=0, update=None):
     """One pass over `loader`: step_fn(batch) -> loss; backward; optimizer and per-iteration schedule.
 
     Hooks (the LRB stages plug in here; stage 1 uses none):
       before_step(i, batch)   before the forward, e.g. the reference bank's inner loop in stage 3
       after_backward(i, batch) between backward and optimizer step, e.g. syncing the bank's gradient
       after_step(i, batch)    after the optimizer step, e.g. the EMA teacher update
+    update(i, batch) -> loss does forward, backward and the optimizer step (default: `EagerUpdate` of
+    step_fn, optimizer and after_backward; `cuda_graphs.GraphedUpdate` replays them as one CUDA graph).
     Modes (train/eval) of the modules are the caller's business. Returns the mean loss.
     No host synchronisation per iteration: the loss is read back only every `print_freq` steps, and a
     non-finite one then stops the run (InputError naming the epoch and the first such iteration), before
@@ -74,29 +66,24 @@ def train_one_epoch(step_fn, loader, optimizer, lr_scheduler, epoch, *, device, 
     window_sum = torch.zeros((), dtype=torch.float64, device=device)
     window_n = 0
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first iteration of a non-finite loss
+    if update is None:
+        update = EagerUpdate(step_fn, optimizer, device=device, amp=amp, after_backward=after_backward)
     start = time.time()
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(_progress(loader, f'Epoch {epoch}', num_iters)):
         batch = to_device(batch, device)
         if before_step is not None:
             before_step(i, batch)
-        with autocast(device, amp):
-            loss = step_fn(batch)
-        loss.backward()
-        if after_backward is not None:
-            after_backward(i, batch)
-        optimizer.step()
-        # freed here rather than before backward: the next forward then runs without them (peak memory)
-        optimizer.zero_grad(set_to_none=True)
+        loss = update(i, batch)
         lr_scheduler.step()
         if after_step is not None:
             after_step(i, batch)
-        loss_sum += loss.detach()
-        window_sum += loss.detach()
+        loss_sum += loss
+        window_sum += loss
         window_n += 1
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), i, first_bad)  # on the device
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)  # on the device
         if (i + 1) % max(1, print_freq) == 0 or i + 1 == num_iters:
-            lr = optimizer.param_groups[0]['lr']
+            lr = float(optimizer.param_groups[0]['lr'])  # a device tensor under --cuda_graphs
             avg = window_sum.item() / window_n
             if not math.isfinite(avg):
                 raise InputError(f'the training loss is not finite ({avg}) at epoch {epoch}, iteration '
@@ -165,14 +152,15 @@ def evaluate(predict, loader, device, *, desc='Test', on_prediction=None):
 
 def fit(*, train_step, predict, train_loader, val_loader, optimizer, lr_scheduler, start_epoch, epochs,
         device, save, best=None, print_freq=10, amp=False, writer=None, set_modes=None,
-        on_epoch_start=None, before_step=None, after_backward=None, after_step=None, val_desc='Val'):
+        on_epoch_start=None, before_step=None, after_backward=None, after_step=None, update=None,
+        val_desc='Val'):
     """Epoch loop shared by the training scripts: train, evaluate, save.
 
     best: {metric: best value so far} of the validation metrics to track (default {'oIoU': -0.1}).
     save(epoch, summary, improved, best) runs on every rank after validation (`improved`: the tracked
     metrics that improved this epoch); set_modes(training) puts the modules in train mode before each
     epoch and in eval mode before validation; on_epoch_start(epoch) runs before each epoch's first step;
-    before_step / after_backward / after_step go to `train_one_epoch`. Returns the updated `best`.
+    before_step / after_backward / after_step / update go to `train_one_epoch`. Returns the updated `best`.
     """
     best = dict(best or {'oIoU': -0.1})
     steps_per_epoch = len(train_loader)
@@ -187,7 +175,7 @@ def fit(*, train_step, predict, train_loader, val_loader, optimizer, lr_schedule
         loss = train_one_epoch(train_step, train_loader, optimizer, lr_scheduler, epoch, device=device,
                                print_freq=print_freq, amp=amp, before_step=before_step,
                                after_backward=after_backward, after_step=after_step, writer=writer,
-                               global_step=epoch * steps_per_epoch)
+                               global_step=epoch * steps_per_epoch, update=update)
         if set_modes is not None:
             set_modes(False)
         summary = evaluate(predict, val_loader, device, desc=f'{val_desc} {epoch}').summary()

@@ -12,6 +12,7 @@ import utils
 from utils import InputError
 
 from . import distributed
+from .cuda_graphs import check_cuda_graphs
 
 logger = logging.getLogger('lrb')
 
@@ -24,7 +25,9 @@ def validate_training_args(args):
     if not os.path.isdir(args.refer_data_root):
         raise InputError(f'--refer_data_root {args.refer_data_root}: no such directory')
     check_compile_backend(args)
-    return distributed.per_process_batch_size(args.batch_size, distributed.launch_world_size())
+    world_size = distributed.launch_world_size()
+    check_cuda_graphs(args, world_size)
+    return distributed.per_process_batch_size(args.batch_size, world_size)
 
 
 def check_compile_backend(args):

@@ -70,26 +70,57 @@ def build_optimizer(param_groups, args, lr=None):
     GPU, and on the CPU it runs the per-parameter loop. `--fused_adamw`: its fused kernel instead (one
     launch for all tensors; CUDA and CPU). All three give the same update up to rounding. The path chosen
     here also holds after `load_state_dict`, which would otherwise take the one the checkpoint was saved
-    with."""
+    with.
+
+    `--cuda_graphs`: the step must replay inside a CUDA graph, so nothing in it may read the host: AdamW's
+    `capturable` path (its step count on the device) and each group's learning rate a device tensor, which
+    the schedule fills in place between replays. State dicts keep plain float learning rates, so
+    checkpoints load either way (and into the original code)."""
     fused = bool(getattr(args, 'fused_adamw', False))
+    graphs = bool(getattr(args, 'cuda_graphs', False))
+    options = {'fused': True} if fused else {'foreach': True, **({'capturable': True} if graphs else {})}
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr if lr is None else lr, weight_decay=args.weight_decay,
-                                  amsgrad=args.amsgrad, **({'fused': True} if fused else {'foreach': True}))
-    optimizer.register_load_state_dict_post_hook(_keep_implementation(fused))
+                                  amsgrad=args.amsgrad, **options)
+    optimizer.register_load_state_dict_post_hook(_keep_implementation(fused, graphs))
+    if graphs:
+        _device_learning_rates(optimizer)
+        optimizer.register_state_dict_post_hook(_float_learning_rates)
     return optimizer
 
 
-def _keep_implementation(fused):
+def _device_learning_rates(optimizer):
+    """Each group's 'lr' as a 0-dim float32 tensor on its parameters' device (value kept). The schedule's
+    base stays the exact float ('initial_lr', which LambdaLR takes as it finds it)."""
+    for group in optimizer.param_groups:
+        device = group['params'][0].device if group['params'] else 'cpu'
+        group.setdefault('initial_lr', float(group['lr']))
+        group['lr'] = torch.tensor(float(group['lr']), dtype=torch.float32, device=device)
+
+
+def _float_learning_rates(optimizer, state_dict):
+    for group in state_dict['param_groups']:
+        for key in ('lr', 'initial_lr'):
+            if torch.is_tensor(group.get(key)):
+                group[key] = float(group[key])
+    return state_dict
+
+
+def _keep_implementation(fused, capturable=False):
     def hook(optimizer):
         for group in optimizer.param_groups:
             group['fused'] = True if fused else None
             group['foreach'] = None if fused else True
+            group['capturable'] = capturable and not fused
             for p in group['params']:
                 state = optimizer.state.get(p, {})
                 if torch.is_tensor(state.get('step')):
-                    # fused keeps the step count on the parameter's device; the others on the host,
-                    # where reading it for the bias correction needs no device sync
-                    device, dtype = (p.device, torch.float32) if fused else ('cpu', torch.get_default_dtype())
+                    # fused and capturable keep the step count on the parameter's device; the others on
+                    # the host, where reading it for the bias correction needs no device sync
+                    on_device = fused or capturable
+                    device, dtype = (p.device, torch.float32) if on_device else ('cpu', torch.get_default_dtype())
                     state['step'] = state['step'].to(device=device, dtype=dtype)
+        if capturable:
+            _device_learning_rates(optimizer)
     return hook
 
 
@@ -99,5 +130,9 @@ def poly_factor(iteration, total_iters, power=0.9):
 
 
 def build_poly_scheduler(optimizer, total_iters, power=0.9):
-    """LambdaLR stepped once per iteration; total = iterations per epoch x epochs."""
+    """LambdaLR stepped once per iteration; total = iterations per epoch x epochs. The base learning rates
+    are plain floats also when the groups hold device tensors (--cuda_graphs): the schedule then fills
+    those tensors in place."""
+    for group in optimizer.param_groups:
+        group.setdefault('initial_lr', float(group['lr']))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: poly_factor(it, total_iters, power))

@@ -1,5 +1,6 @@
 """The module a training step runs: DDP (with SyncBatchNorm on GPUs) when torchrun started several
-processes, and torch.compile under `--compile`. Checkpoints and evaluation keep using the plain module.
+processes. Checkpoints and evaluation keep using the plain module. (`--compile` compiles the whole step:
+lib/training/step.py.)
 """
 import torch
 import torch.nn as nn
@@ -43,15 +44,3 @@ def wrap_for_distributed(module, env, find_unused=False):
     # gradients as views into the all-reduce buckets: one copy of them instead of two (peak memory)
     return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused,
                                    gradient_as_bucket_view=True)
-
-
-def apply_speed_options(module, args):
-    """The module to train with under `--compile BACKEND`: torch.compile of it (static shapes), else
-    the module itself. Call it after `wrap_for_distributed`, so that DDP's gradient buckets split the
-    compiled graph; the module is not changed, so checkpoints (state_dict keys) and the evaluation,
-    which keep using it, run as before. Build-time options are in `build_model` (--checkpoint_activations,
-    --channels_last) and `build_optimizer` (--fused_adamw)."""
-    backend = getattr(args, 'compile', '')
-    if not backend or module is None:
-        return module
-    return torch.compile(module, backend=backend, dynamic=False)

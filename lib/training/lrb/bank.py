@@ -177,9 +177,10 @@ def weak_ref_ids(dataset):
 
 
 def filled_text_features(bert, bank, batch, detach=False, rows=None):
-    """BERT on the word embeddings with the bank's prompts in weak samples' padding -> (l_feats, l_mask)."""
+    """BERT on the word embeddings with the bank's prompts in weak samples' padding -> (l_feats, l_mask).
+    batch: 'input_ids', 'attention_mask' and 'ref_id' (or the bank `rows` of the samples instead)."""
     words = text_encoder_of(None, bert).embeddings.word_embeddings(batch['input_ids'])  # [B, L, D]
-    embeds, mask = bank.fill(batch['ref_id'], words, batch['attention_mask'], detach=detach, rows=rows)
+    embeds, mask = bank.fill(batch['ref_id'] if rows is None else None, words, batch['attention_mask'], detach=detach, rows=rows)
     return text_features(bert, None, mask, inputs_embeds=embeds)
 
 

@@ -11,8 +11,8 @@ from lib.files import guard_run_dir
 from utils import InputError, unwrap_module as unwrap
 
 from ..checkpoint import load_checkpoint
-from ..engine import autocast
 from ..launch import start_run, validate_training_args
+from ..step import autocast
 from .bank import filled_text_features, sync_bank_grad_
 from .schedule import bank_step_plan, ema_momentum, ema_update_
 
@@ -98,15 +98,30 @@ def bank_predict_fn(model, bert, bank, amp=False):
     return predict
 
 
+def bank_inputs(bank, batch):
+    """(image, input_ids, attention_mask, target, rows): rows = the batch's bank rows (-1: not in the bank),
+    looked up on the host (no device sync) and sent to the batch's device."""
+    rows = bank.lookup(batch['ref_id']).to(batch['image'].device, non_blocking=True)
+    return batch['image'], batch['input_ids'], batch['attention_mask'], batch['target'], rows
+
+
 class Stage2Bank:
-    """Stage 2: only the bank learns, through a frozen teacher (RMSIN + BERT)."""
+    """Stage 2: only the bank learns, through a frozen teacher (RMSIN + BERT). A step of
+    lib/training/step.py: `inputs(batch)`, `loss(*inputs)` (one graph under --compile)."""
 
     def __init__(self, model, bert, bank, criterion):
         self.model, self.bert, self.bank, self.criterion = model, bert, bank, criterion
 
-    def step(self, batch):
-        l_feats, l_mask = filled_text_features(self.bert, self.bank, batch)
-        return self.criterion(self.model(batch['image'], l_feats, l_mask), batch['target'])
+    def inputs(self, batch):
+        return bank_inputs(self.bank, batch)
+
+    def loss(self, image, input_ids, attention_mask, target, rows):
+        l_feats, l_mask = filled_text_features(self.bert, self.bank, dict(input_ids=input_ids,
+                                               attention_mask=attention_mask), rows=rows)
+        return self.criterion(self.model(image, l_feats, l_mask), target)
+
+    def __call__(self, batch):
+        return self.loss(*self.inputs(batch))
 
     def after_backward(self, i, batch):
         sync_bank_grad_(self.bank.embedding.grad, self.bank.lookup(batch['ref_id']))
@@ -115,7 +130,10 @@ class Stage2Bank:
 class Stage3Joint:
     """Stage 3: per iteration, the bank's inner loop through the frozen EMA teacher (on the batch's weak
     samples, at the planned iterations), then the student's step on the whole batch with weak rows
-    filled from the bank (no gradient to it), then the teacher's EMA update."""
+    filled from the bank (no gradient to it), then the teacher's EMA update. A step of
+    lib/training/step.py for the student (`inputs`, `loss`); `bank_loss` takes the same inputs."""
+
+    LOSSES = ('loss', 'bank_loss')  # what --compile compiles, each as one graph
 
     def __init__(self, student, teacher, bert, bank, criterion, bank_optimizer, bank_scheduler, *, inner_steps,
                  update_every, is_weak, batch_size, world_size, seed, steps_per_epoch, amp=False):
@@ -127,48 +145,66 @@ class Stage3Joint:
         self.steps_per_epoch, self.amp = steps_per_epoch, amp
         self.epoch, self.plan = 0, []
         self.bank_steps_taken = 0  # this run's bank optimizer steps (tests compare it with the count)
+        self.graphed_bank_update = None  # --cuda_graphs: bank_update as a replayed CUDA graph
+        self.autocast_cache = True  # False while a CUDA graph is captured
 
     def on_epoch_start(self, epoch):
         self.epoch = epoch
         self.plan = bank_step_plan(self.is_weak, self.batch_size, self.world_size, self.seed, epoch,
                                    self.update_every)
 
-    def bank_loss(self, batch, rows):
+    def inputs(self, batch):
+        return bank_inputs(self.bank, batch)
+
+    def bank_loss(self, image, input_ids, attention_mask, target, rows):
         """The teacher's loss on the batch's weak samples (rows >= 0), as a function of the bank.
 
         Static shapes: teacher and BERT run on the whole batch (both in eval mode, so each sample's forward
         is its own) and the loss keeps the weak samples (`SegmentationLoss.masked`: the loss of the weak
         subset, as the original computes it). No data-dependent sizes, no device sync, no branch.
         """
-        with autocast(batch['image'].device, self.amp):
-            l_feats, l_mask = filled_text_features(unwrap(self.bert), self.bank, batch, rows=rows)
-            logits = self.teacher(batch['image'], l_feats, l_mask)
-        return self.criterion.masked(logits, batch['target'], (rows >= 0).to(logits.device, non_blocking=True))
+        with autocast(image.device, self.amp, cache=self.autocast_cache):
+            l_feats, l_mask = filled_text_features(unwrap(self.bert), self.bank, dict(
+                input_ids=input_ids, attention_mask=attention_mask), rows=rows)
+            logits = self.teacher(image, l_feats, l_mask)
+        return self.criterion.masked(logits, target, rows >= 0)
 
-    def bank_grad(self, batch, rows):
+    def bank_grad(self, inputs, host_rows):
         """d(loss)/d(bank) on the batch's weak samples through the teacher; touches no other gradient."""
-        if not bool((rows >= 0).any()):  # host tensor, no device sync. Another process has weak samples:
-            return torch.zeros_like(self.bank.embedding)  # take the step with a zero gradient
+        if not bool((host_rows >= 0).any()):  # host tensor, no device sync. Another process has weak
+            return torch.zeros_like(self.bank.embedding)  # samples: take the step with a zero gradient
         # only the bank's gradient: BERT's and the student's .grad stay untouched (no leak into their step)
-        return torch.autograd.grad(self.bank_loss(batch, rows), self.bank.embedding)[0]
+        return torch.autograd.grad(self.bank_loss(*inputs), self.bank.embedding)[0]
+
+    def bank_update(self, inputs, host_rows):
+        """One bank step: its gradient (averaged over processes) and its optimizer step."""
+        self.bank.embedding.grad = sync_bank_grad_(self.bank_grad(inputs, host_rows), host_rows)
+        self.bank_optimizer.step()
 
     def before_step(self, i, batch):
-        local_rows = self.bank.lookup(batch['ref_id'])
-        if self.world_size == 1 and self.plan[i] != (bool((local_rows >= 0).any()) and i % self.update_every == 0):
+        host_rows = self.bank.lookup(batch['ref_id'])
+        if self.world_size == 1 and self.plan[i] != (bool((host_rows >= 0).any()) and i % self.update_every == 0):
             raise RuntimeError(f'bank step plan disagrees with batch {i} of epoch {self.epoch}')
         if not self.plan[i]:
             return
+        inputs = self.inputs(batch)
         for _ in range(self.inner_steps):
-            grad = sync_bank_grad_(self.bank_grad(batch, local_rows), local_rows)
-            self.bank.embedding.grad = grad
-            self.bank_optimizer.step()
+            if self.graphed_bank_update is not None:
+                self.graphed_bank_update(*inputs)
+            else:
+                self.bank_update(inputs, host_rows)
+                self.bank_optimizer.zero_grad(set_to_none=True)
             self.bank_scheduler.step()
-            self.bank_optimizer.zero_grad(set_to_none=True)
             self.bank_steps_taken += 1
 
-    def step(self, batch):
-        l_feats, l_mask = filled_text_features(self.bert, self.bank, batch, detach=True)
-        return self.criterion(self.student(batch['image'], l_feats, l_mask), batch['target'])
+    def loss(self, image, input_ids, attention_mask, target, rows):
+        """The student's loss on the whole batch, weak samples filled from the bank (no gradient to it)."""
+        l_feats, l_mask = filled_text_features(self.bert, self.bank, dict(
+            input_ids=input_ids, attention_mask=attention_mask), detach=True, rows=rows)
+        return self.criterion(self.student(image, l_feats, l_mask), target)
+
+    def __call__(self, batch):
+        return self.loss(*self.inputs(batch))
 
     def after_step(self, i, batch):
         ema_update_(self.teacher, self.student, ema_momentum(self.epoch, i, self.steps_per_epoch))
