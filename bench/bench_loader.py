@@ -19,7 +19,8 @@ runs `--workers 8` over 4 GPUs, i.e. 2 workers and a batch of 2 per process: the
    1000 / (item + collate ms): one worker on one core, before handing the batch over.
 2. The hand-over (--transfer_images 0 skips it): the CPU the workers and the main process spend per image
    to pass items that decode nothing, with today's float32 image + int64 mask and with uint8 ones.
-3. The loader itself, for pinned and pageable memory: the time to the first batch (worker start-up, paid
+3. The loader itself, as training builds it (uint8 items, finished on the device: refer.transforms.finish_batch)
+   for pinned and pageable memory, and with the float32 items of before (pageable): the time to the first batch (worker start-up, paid
    every epoch since workers are not persistent); the steady images/s of one process's loader; the CPU
    and page faults per image inside the workers' __getitem__; and all the workers' CPU per image. With
    --train_images_per_s, how many times faster than the training step the loader is.
@@ -80,13 +81,14 @@ class TimedItems(torch.utils.data.Dataset):
         return item
 
 
-def build_loader(data_root, dataset, img_size, batch, workers, pin_memory, tokenizer_dir):
+def build_loader(data_root, dataset, img_size, batch, workers, pin_memory, tokenizer_dir, uint8_items=True):
     from bert.encoder import load_tokenizer
     from lib.training.data import build_train_loader
     from refer.dataset import build_dataset
     args = utils.get_parser().parse_args(['--refer_data_root', str(data_root), '--dataset', dataset,
                                           '--img_size', str(img_size), '--workers', str(workers)])
-    train_set = build_dataset(args, 'train', load_tokenizer(str(tokenizer_dir)), eval_mode=False)
+    train_set = build_dataset(args, 'train', load_tokenizer(str(tokenizer_dir)), eval_mode=False,
+                              uint8_items=uint8_items)
     return build_train_loader(TimedItems(train_set), batch, workers, seed=0, pin_memory=pin_memory)
 
 
@@ -360,7 +362,7 @@ def measure(loader, batches):
 
 
 def run(args, log=print):
-    """-> {'stages': {...}, 'pinned': {...}, 'pageable': {...}, ...}; generates demo data and a tokenizer
+    """-> {'stages': {...}, 'pinned': {...}, 'pageable': {...}, 'float32 items, pageable': {...}, ...}; generates demo data and a tokenizer
     when needed."""
     from bert.build_small import build_small_bert, collect_expressions
     from bert.encoder import load_tokenizer
@@ -392,13 +394,16 @@ def run(args, log=print):
             return figures
         if args.transfer_images and args.workers:
             figures['transfer'] = transfer_cost(args.img_size, args.batch_size, args.workers, args.transfer_images, log)
-        for pinned in (False, True):
+        # items as training hands them over (uint8, finished on the device), pageable and pinned, and as before
+        # (float32 image, int64 mask); the device's finishing (engine.to_device) is not in these figures
+        for uint8_items, pinned in ((True, False), (True, True), (False, False)):
             loader = build_loader(root, args.dataset, args.img_size, args.batch_size, args.workers,
-                                  pinned and torch.cuda.is_available(), tokenizer_dir)
+                                  pinned and torch.cuda.is_available(), tokenizer_dir, uint8_items)
             m = measure(loader, args.batches)
             key = 'pinned' if pinned else 'pageable'
             if pinned and not torch.cuda.is_available():
                 key = 'pinned (no CUDA: not pinned)'
+            key = key if uint8_items else 'float32 items, ' + key
             figures[key] = m
             images_per_s = m['images_per_s']
             line = (f'loader {args.workers} workers, batch {args.batch_size}, {args.img_size} px, {key}: '

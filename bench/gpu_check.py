@@ -5,7 +5,8 @@ time both, and time a training step of the full model. Finishes in a few minutes
     python bench/gpu_check.py --cpu-smoke      # tiny sizes on CPU: exercises every section's code path
     python bench/gpu_check.py --original_dir .original   # + our training iteration against the original's
 
-`steps` (issue 21) first checks the --cuda_graphs updates of all three stages against the eager ones, then
+`steps` (issue 21) first checks the train loader's uint8 items finished on the GPU against the CPU's and the
+--cuda_graphs updates of all three stages against the eager ones, then
 times each stage eager, with --cuda_graphs and with --compile --cuda_graphs at batch 8 and 2 (bf16, Swin-B
 480), with stage 1's MFU.
 
@@ -337,7 +338,15 @@ def step_variants(report, smoke, device):
     (tests/test_step_graphs.py's GPU test, every stage)."""
     import bench_lrb
     from compare_original import device_peak_tflops
+    from refer.transforms import finish_batch
     figures = {'equal_to_eager': {}, 'runs': {}}
+    # the train loader's uint8 items finished on this device: the CPU's float32 tensors, bit for bit
+    items = {'image': torch.randint(0, 256, (8, 3, 480, 480), dtype=torch.uint8),
+             'target': torch.randint(0, 2, (8, 480, 480), dtype=torch.uint8)}
+    on_cpu = finish_batch(dict(items))
+    on_device = finish_batch({k: v.to(device) for k, v in items.items()})
+    figures['uint8_items_equal'] = all(torch.equal(on_cpu[k], on_device[k].cpu()) for k in items)
+    log(f'steps uint8 items finished on {device} equal the CPU\'s: {figures["uint8_items_equal"]}')
     if device == 'cuda':
         sys.path.insert(0, str(REPO / 'tests'))
         import test_step_graphs

@@ -11,6 +11,10 @@ Item (a dict; the default collate works):
     is_weak         bool (train) / bool [K] (eval): the sentence is just the class name, i.e. its
                     expression was replaced by the category name (see mask_train_only.py)
 
+With uint8_items=True (the train loader's) image and target leave the worker as uint8 ([3, S, S] resized,
+not normalized; [S, S]) and `refer.transforms.finish_batch` makes the tensors above on the training
+device, bit for bit.
+
 Token ids follow the reference exactly: encode with [CLS]/[SEP], cut at 20 (a long sentence loses
 its [SEP]), pad with 0. All sentences are tokenized once, in one batched call of a fast tokenizer.
 Random boxes (on by default, as the reference): a fixed, seeded 20% of the train split's refs get
@@ -70,16 +74,17 @@ def tokenize_sentences(tokenizer, sentences, max_tokens=20):
 
 class ReferDataset(Dataset):
     def __init__(self, refer, split, tokenizer, img_size, eval_mode=False, random_boxes=True,
-                 max_tokens=20, seed=0, transform=None, check_images=True, check_workers=0):
+                 max_tokens=20, seed=0, transform=None, check_images=True, check_workers=0, uint8_items=False):
         """check_images: before anything else, check every mask and image header of the split
-        (`refer.check.check_split_data`, on a pool of `check_workers` processes); False skips it."""
+        (`refer.check.check_split_data`, on a pool of `check_workers` processes); False skips it.
+        uint8_items: image and target as uint8, for `refer.transforms.finish_batch` (module docstring)."""
         if not isinstance(img_size, int) or img_size <= 0:
             raise InputError(f'--img_size must be a positive integer, got {img_size!r}')
         self.refer = refer
         self.split = split
         self.eval_mode = eval_mode
         self.max_tokens = max_tokens
-        self.transform = transform or build_transform(img_size)
+        self.transform = transform or build_transform(img_size, uint8=uint8_items)
         self.ref_ids = refer.getRefIds(split=split)
         if not self.ref_ids:
             raise InputError(f"split '{split}' has no refs in '{refer.refs_file}' (--split)")
@@ -129,7 +134,7 @@ class ReferDataset(Dataset):
         target = self.refer.getMask(ref)['mask']  # uint8 [H, W] in {0, 1}
         if not getattr(self.transform, 'accepts_arrays', False):
             target = Image.fromarray(target)
-        image, target = self.transform(image, target)  # [3, S, S] float32, [S, S] int64
+        image, target = self.transform(image, target)  # [3, S, S] float32, [S, S] int64 (or both uint8)
 
         rows = self.sentence_rows(index)
         if self.eval_mode:
@@ -145,7 +150,7 @@ class ReferDataset(Dataset):
                 'is_weak': is_weak}
 
 
-def build_dataset(args, split, tokenizer, eval_mode, refer=None):
+def build_dataset(args, split, tokenizer, eval_mode, refer=None, uint8_items=False):
     """ReferDataset from the shared command-line args; pass `refer` to reuse one REFER index.
     Its data are checked up front on min(--workers, CPUs per local process) processes."""
     if refer is None:
@@ -154,4 +159,4 @@ def build_dataset(args, split, tokenizer, eval_mode, refer=None):
     check_workers = min(getattr(args, 'workers', 0), max(1, available_cpus() // local_procs))
     return ReferDataset(refer, split, tokenizer, args.img_size, eval_mode=eval_mode,
                         random_boxes=getattr(args, 'random_boxes', True) and not eval_mode,
-                         seed=getattr(args, 'seed', 0), check_workers=check_workers)
+                         seed=getattr(args, 'seed', 0), check_workers=check_workers, uint8_items=uint8_items)

@@ -12,6 +12,11 @@ copies. tests/test_loader_speed_equivalence.py checks this against a frozen copy
   mask   a uint8 array from the rasterizer (C or Fortran order) is resized by row/column indexing
          with the indices that Pillow's NEAREST resize picks (read from Pillow itself, once per size),
          not array -> PIL image -> resize -> array. A PIL mask goes the reference's way.
+
+`build_transform(S, uint8=True)` (the train loader's): the same resize, but the item leaves the loader worker
+as uint8 (image [3, S, S], mask [S, S]), a fifth of the bytes to hand over, and `finish_batch` on the
+training device makes the float32 image and int64 mask with the same float32 operations: bit for bit the
+tensors of the float path (tests/test_loader_speed_equivalence.py).
 """
 from functools import lru_cache
 
@@ -76,32 +81,35 @@ def nearest_indices(in_size, out_size):
     return picked
 
 
-def resize_mask_nearest(mask, h, w):
-    """uint8 array [H, W] -> int64 tensor [h, w], equal to torch.as_tensor(np.array(PIL NEAREST resize))."""
+def resize_mask_nearest(mask, h, w, dtype=np.int64):
+    """uint8 array [H, W] -> tensor [h, w] of `dtype`, equal to torch.as_tensor(np.array(PIL NEAREST resize))."""
     rows, cols = nearest_indices(mask.shape[0], h), nearest_indices(mask.shape[1], w)
     if mask.flags.f_contiguous and not mask.flags.c_contiguous:  # pycocotools' masks: gather whole columns first
         picked = mask[:, cols][rows]
     else:
         picked = mask[rows][:, cols]
-    return torch.from_numpy(picked.astype(np.int64))
+    return torch.from_numpy(picked.astype(dtype))
 
 
 class ResizeToTensorNormalize:
     """Resize(h, w) + ToTensor() + Normalize(), bit-identical, in one step (see the module docstring).
     The image is a PIL image: RGB takes the fast path, other modes the reference's. The target is a PIL
-    image or a uint8 array [H, W] (`accepts_arrays`: the dataset passes the rasterized mask as it is)."""
+    image or a uint8 array [H, W] (`accepts_arrays`: the dataset passes the rasterized mask as it is).
+    uint8=True: resized only, both as uint8 (an RGB image); `finish_batch` does the rest."""
 
     accepts_arrays = True
 
-    def __init__(self, h, w, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, h, w, mean=IMAGENET_MEAN, std=IMAGENET_STD, uint8=False):
         self.size = (h, w)
+        self.uint8 = uint8
         self.mean_std = list(mean), list(std)
         self.mean = torch.as_tensor(list(mean), dtype=torch.float32).view(-1, 1, 1)  # as F.normalize builds them
         self.std = torch.as_tensor(list(std), dtype=torch.float32).view(-1, 1, 1)
 
     def image_tensor(self, image):
-        """PIL image -> float [C, h, w], resized and normalized."""
-        return self.normalized(F.resize(image, self.size, interpolation=InterpolationMode.BILINEAR))
+        """PIL image -> float [C, h, w], resized and normalized (uint8 [3, h, w], resized, with uint8=True)."""
+        resized = F.resize(image, self.size, interpolation=InterpolationMode.BILINEAR)
+        return channels_first_uint8(resized) if self.uint8 else self.normalized(resized)
 
     def normalized(self, image):
         """PIL image (resized) -> float [C, H, W]: F.normalize(F.to_tensor(image)), bit for bit."""
@@ -116,19 +124,50 @@ class ResizeToTensorNormalize:
 
     def target_tensor(self, target):
         """PIL image or uint8 array [H, W] -> int64 [h, w], nearest."""
+        dtype = np.uint8 if self.uint8 else np.int64
         if isinstance(target, np.ndarray) and target.ndim == 2 and target.dtype == np.uint8:
-            return resize_mask_nearest(target, *self.size)
+            return resize_mask_nearest(target, *self.size, dtype=dtype)
         if isinstance(target, np.ndarray):
             target = Image.fromarray(target)
         target = F.resize(target, self.size, interpolation=InterpolationMode.NEAREST)
-        return torch.as_tensor(np.array(target), dtype=torch.int64)
+        return torch.as_tensor(np.array(target).astype(dtype))
 
     def __call__(self, image, target):
         return self.image_tensor(image), self.target_tensor(target)
 
 
-def build_transform(img_size):
-    return ResizeToTensorNormalize(img_size, img_size)
+def build_transform(img_size, uint8=False):
+    return ResizeToTensorNormalize(img_size, img_size, uint8=uint8)
+
+
+def channels_first_uint8(image):
+    """PIL RGB image -> uint8 [3, H, W] (one copy, into torch's allocator as in `normalized`)."""
+    if image.mode != 'RGB':
+        raise ValueError(f'uint8 items need an RGB image, got mode {image.mode}')
+    pixels = np.asarray(image)
+    out = torch.empty(3, pixels.shape[0], pixels.shape[1], dtype=torch.uint8)
+    np.copyto(out.numpy(), pixels.transpose(2, 0, 1))
+    return out
+
+
+@lru_cache(maxsize=16)
+def _mean_std(device):
+    """ImageNet mean and std [1, 3, 1, 1] float32 on `device`, built once (no host copy per batch)."""
+    return tuple(torch.as_tensor(list(v), dtype=torch.float32).view(1, -1, 1, 1).to(device)
+                 for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+
+def finish_batch(batch):
+    """A collated batch whose 'image' / 'target' came as uint8 (`build_transform(S, uint8=True)`), on any
+    device -> float32 normalized images and int64 masks, bit for bit those of the float path (the same
+    float32 operations: exact conversion, / 255, - mean, / std, each IEEE-rounded). Other batches as they are."""
+    image, target = batch.get('image'), batch.get('target')
+    if torch.is_tensor(image) and image.dtype == torch.uint8:
+        mean, std = _mean_std(image.device)
+        batch['image'] = image.to(torch.float32).div_(255).sub_(mean).div_(std)
+    if torch.is_tensor(target) and target.dtype == torch.uint8:
+        batch['target'] = target.long()
+    return batch
 
 
 def add_random_boxes(image, min_num=20, max_num=60, size=32, generator=None, inplace=False):

@@ -2,7 +2,9 @@
 filled by Pillow) gives tensors bit-identical to the transform it replaced. A frozen copy of the old one
 is kept here as the reference: Compose([Resize, ToTensor, Normalize]) on PIL image + PIL mask, and
 add_random_boxes through numpy. Images of several modes and sizes, 800-px JPEGs like RRSIS-D's,
-upscaling and downscaling, masks in C and Fortran order, whole dataset items with and without boxes."""
+upscaling and downscaling, masks in C and Fortran order, whole dataset items with and without boxes.
+The uint8 hand-over (items as uint8, finished on the device by `finish_batch`) gives the same tensors too,
+item by item and through the train loader's worker processes."""
 import numpy as np
 import pytest
 import torch
@@ -14,8 +16,8 @@ from torchvision.transforms import functional as F
 from refer.dataset import ReferDataset, occlusion_box_size
 from refer.images import open_rgb, to_rgb
 from refer.refer import REFER
-from refer.transforms import (ResizeToTensorNormalize, add_random_boxes, build_transform, nearest_indices,
-                              resize_mask_nearest)
+from refer.transforms import (ResizeToTensorNormalize, add_random_boxes, build_transform, finish_batch,
+                              nearest_indices, resize_mask_nearest)
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -210,3 +212,45 @@ def test_a_custom_transform_still_gets_pil_masks(refer_800):
     ds = ReferDataset(refer_800, 'train', Tokens(), 32, transform=transform, check_images=False)
     ds[0]
     assert len(seen) == 1 and issubclass(seen[0], Image.Image)
+
+
+@pytest.mark.parametrize('size', [(480, 480), (64, 64), (48, 40)])
+def test_uint8_items_finish_to_the_float_tensors(images, size):
+    """Two items collated as uint8 and finished as a batch equal the reference's float items, bit for bit."""
+    old, new = old_transform(size), ResizeToTensorNormalize(*size, uint8=True)
+    rgb = [image for image in images.values() if image.mode == 'RGB']
+    for a, b in zip(rgb, rgb[1:]):
+        masks = [polygon_mask(x.size[1], x.size[0], i) for i, x in enumerate((a, b))]
+        items = [new(x, m) for x, m in zip((a, b), masks)]
+        assert all(img.dtype == torch.uint8 and t.dtype == torch.uint8 for img, t in items)
+        batch = finish_batch({'image': torch.stack([i for i, _ in items]), 'target': torch.stack([t for _, t in items])})
+        refs = [old(x, Image.fromarray(m)) for x, m in zip((a, b), masks)]
+        assert batch['image'].dtype == torch.float32 and batch['target'].dtype == torch.int64
+        assert torch.equal(batch['image'], torch.stack([i for i, _ in refs])), size
+        assert torch.equal(batch['target'], torch.stack([t for _, t in refs])), size
+
+
+def test_uint8_train_loader_gives_the_float_loaders_batches(refer_800):
+    """The train loader as training builds it (2 worker processes, seeded sampler, random boxes on): uint8
+    batches finished by the engine's to_device are the float dataset's batches, draw for draw."""
+    from lib.training.data import build_train_loader
+    from lib.training.engine import to_device
+
+    def batches(uint8_items):
+        ds = ReferDataset(refer_800, 'train', Tokens(), 64, check_images=False, uint8_items=uint8_items)
+        ds.boxed_ref_ids = frozenset(ds.ref_ids[::2])
+        torch.manual_seed(3)  # the workers' base seed
+        loader = build_train_loader(ds, 2, workers=2, seed=5)
+        return [to_device(b, torch.device('cpu')) for b in loader]
+    floats, uint8s = batches(False), batches(True)
+    assert len(floats) == len(uint8s) > 0
+    for f, u in zip(floats, uint8s):
+        assert u['image'].dtype == torch.float32 and u['target'].dtype == torch.int64
+        assert torch.equal(f['image'], u['image']) and torch.equal(f['target'], u['target'])
+        assert torch.equal(f['input_ids'], u['input_ids']) and f['ref_id'].tolist() == u['ref_id'].tolist()
+
+
+def test_finish_batch_leaves_float_batches_alone():
+    image, target = torch.randn(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.int64)
+    batch = finish_batch({'image': image, 'target': target, 'ref_id': [1, 2]})
+    assert batch['image'] is image and batch['target'] is target

@@ -118,8 +118,9 @@ def test_bank_grad_equals_the_subset_formulation_on_the_nano_rmsin(case):
     batch['ref_id'] = torch.tensor(WEAK_CASES[case])
     rows = joint.bank.lookup(batch['ref_id'])
     # float32 through ~30 layers whose matrix products change shape with the batch: 1.3e-6 of the largest
-    # entry measured (the stand-in: below 1e-6)
-    assert_close(joint.bank_grad(joint.inputs(batch), rows), subset_bank_grad(joint, batch, rows), rel=5e-6)
+    # entry measured with torch 2.11, 5.2e-6 with 2.14 (the stand-in: below 1e-6). A wrong normalization or a
+    # leak between samples is of order 1e-1.
+    assert_close(joint.bank_grad(joint.inputs(batch), rows), subset_bank_grad(joint, batch, rows), rel=2e-5)
 
 
 def test_fill_on_the_whole_batch_leaves_non_weak_rows_as_bert_gives_them():

@@ -35,7 +35,8 @@ def build_data(args, env, batch_size, val_split='val'):
     """Train set (train mode) and `val_split` set (eval mode: every sentence, no occlusion boxes) on one
     REFER index, with their loaders -> (train_set, val_set, train_loader, val_loader)."""
     tokenizer = load_tokenizer(args.bert_tokenizer)
-    train_set = build_dataset(args, 'train', tokenizer, eval_mode=False)
+    # train items leave the workers as uint8 (a fifth of the bytes); engine.to_device finishes them on the device
+    train_set = build_dataset(args, 'train', tokenizer, eval_mode=False, uint8_items=True)
     val_set = build_dataset(args, val_split, tokenizer, eval_mode=True, refer=train_set.refer)
     workers = distributed.per_process_workers(args.workers, env.world_size)
     train_loader = build_train_loader(train_set, batch_size, workers, args.seed, args.pin_mem, 'train')

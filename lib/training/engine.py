@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from lib.model.build import segment
+from refer.transforms import finish_batch
 from utils import InputError
 
 from . import distributed
@@ -29,9 +30,10 @@ HOST_KEYS = ('ref_id', 'index')  # ids stay on the host: lookups on them need no
 
 
 def to_device(batch, device):
+    """The batch's tensors on `device` (ids stay on the host); uint8 train items made float32 / int64 there."""
     non_blocking = device.type == 'cuda'
-    return {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) and k not in HOST_KEYS
-                else v) for k, v in batch.items()}
+    return finish_batch({k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor)
+                             and k not in HOST_KEYS else v) for k, v in batch.items()})
 
 
 def supervised_step(model, bert, criterion):
