@@ -164,7 +164,7 @@ FLAG_RULES = {
     # bounded: stage 3 plans its bank schedule epoch by epoch before the first step (--epochs 10**12 would hang)
     'epochs': ('--epochs', lambda v: 1 <= v <= MAX_EPOCHS, f'between 1 and {MAX_EPOCHS}'),
     'batch_size': ('--batch-size', lambda v: v >= 1, '>= 1'),
-    'workers': ('--workers', lambda v: v >= 0, '>= 0'),
+    'workers': ('--workers', lambda v: v == 'auto' or v >= 0, ">= 0 or 'auto'"),
     'print_freq': ('--print-freq', lambda v: v >= 1, '>= 1'),
     'img_size': ('--img_size', lambda v: v >= 32 and v % 32 == 0, 'a positive multiple of 32'),
     'stop_after': ('--stop_after', lambda v: v >= 0, '>= 0'),
@@ -202,6 +202,14 @@ def check_input_file(path, flag, hint=''):
         raise InputError(f'{flag} {path}: is a directory, not a file{more}')
     if not os.path.isfile(path):
         raise InputError(f'{flag} {path}: file not found{more}')
+
+
+def worker_count(text):
+    """--workers: 'auto' or an integer (argparse type; the range is FLAG_RULES')."""
+    return text if text == 'auto' else int(text)
+
+
+worker_count.__name__ = 'integer or auto'  # argparse's message: "invalid integer or auto value: 'x'"
 
 
 def get_parser():
@@ -250,8 +258,10 @@ def get_parser():
                         help='weight decay', dest='weight_decay')
     parser.add_argument('--window12', action='store_true',
                         help='window size 12 (otherwise inferred from the Swin weights file name, else 7)')
-    parser.add_argument('-j', '--workers', default=8, type=int, metavar='N',
-                        help='data loading workers (split across processes)')
+    parser.add_argument('-j', '--workers', default='auto', type=worker_count, metavar='N|auto',
+                        help='data-loading workers: N in all, split across processes (as the reference), or '
+                             'auto (default): per process, the CPUs it has minus one, at most 8. The data '
+                             'drawn do not depend on it')
     parser.add_argument('--caption_inner_steps', default=1, type=int,
                         help='reference-bank inner steps per student step (stage 3)')
     parser.add_argument('--caption_update_every', default=1, type=int,

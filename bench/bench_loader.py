@@ -290,12 +290,12 @@ class TemplateItems(torch.utils.data.Dataset):
 def transfer_cost(img_size, batch, workers, n_images, log=print):
     """CPU ms per image of handing items from `workers` loader workers to the main process: in the
     workers (item copy, collate into shared memory, send) and in the main process (receive, one read of
-    every byte into a reused buffer, as a pin-memory copy or a host-to-device copy does). Today's layout
-    (float32 image, int64 mask) against a uint8 one (4 + 8 times fewer bytes; normalizing would then be
-    done on the device)."""
+    every byte into a reused buffer, as a pin-memory copy or a host-to-device copy does). The layout of
+    before (float32 image, int64 mask) against the train loader's uint8 one (4 + 8 times fewer bytes; the
+    device normalizes: refer.transforms.finish_batch)."""
     s = img_size
-    layouts = {'float32 image + int64 mask (today)': (torch.zeros(3, s, s), torch.zeros(s, s, dtype=torch.int64)),
-               'uint8 image + uint8 mask': (torch.zeros(3, s, s, dtype=torch.uint8),
+    layouts = {'float32 image + int64 mask (before)': (torch.zeros(3, s, s), torch.zeros(s, s, dtype=torch.int64)),
+               'uint8 image + uint8 mask (the train loader now)': (torch.zeros(3, s, s, dtype=torch.uint8),
                                             torch.zeros(s, s, dtype=torch.uint8))}
     figures = {}
     for name, (image, target) in layouts.items():

@@ -19,6 +19,11 @@ Token ids follow the reference exactly: encode with [CLS]/[SEP], cut at 20 (a lo
 its [SEP]), pad with 0. All sentences are tokenized once, in one batched call of a fast tokenizer.
 Random boxes (on by default, as the reference): a fixed, seeded 20% of the train split's refs get
 20-60 random black boxes on the original-resolution image, fresh positions on every load.
+
+A train item's draws (its sentence, its boxes) come from a generator seeded by (seed, epoch, index) alone
+(`set_epoch`, called by the training loop), not from the global RNG of whichever process or loader worker
+makes it: the same run draws the same data with any --workers and any number of processes, and a resumed
+run draws what the uninterrupted one did.
 """
 import os
 import random
@@ -109,9 +114,19 @@ class ReferDataset(Dataset):
         if random_boxes and split == 'train':
             n_boxed = int(len(self.ref_ids) * BOXED_FRACTION)
             self.boxed_ref_ids = frozenset(random.Random(seed).sample(self.ref_ids, n_boxed))
+        self.seed, self.epoch = int(seed), 0
 
     def __len__(self):
         return len(self.ref_ids)
+
+    def set_epoch(self, epoch):
+        """Fresh draws each epoch; loader workers are started per epoch, so they see it."""
+        self.epoch = int(epoch)
+
+    def item_generator(self, index):
+        """The generator of item `index`'s draws in this epoch: a function of (seed, epoch, index) only."""
+        state = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(2, np.uint32)
+        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
     def sentence_rows(self, index):
         return range(self.offsets[index], self.offsets[index + 1])
@@ -128,9 +143,10 @@ class ReferDataset(Dataset):
     def __getitem__(self, index):
         ref_id = self.ref_ids[index]
         ref = self.refer.Refs[ref_id]
+        draws = None if self.eval_mode else self.item_generator(index)
         image = self.load_image(ref)  # freshly decoded: the boxes may go on it in place
         if ref_id in self.boxed_ref_ids:  # before resizing, as the reference
-            image = add_random_boxes(image, size=occlusion_box_size(*image.size), inplace=True)
+            image = add_random_boxes(image, size=occlusion_box_size(*image.size), generator=draws, inplace=True)
         target = self.refer.getMask(ref)['mask']  # uint8 [H, W] in {0, 1}
         if not getattr(self.transform, 'accepts_arrays', False):
             target = Image.fromarray(target)
@@ -142,7 +158,7 @@ class ReferDataset(Dataset):
             input_ids, attention_mask = self.input_ids[rows], self.attention_mask[rows]  # [K, T]
             is_weak = self.is_weak[rows]  # [K]
         else:
-            row = rows[int(torch.randint(len(rows), (1,)))]
+            row = rows[int(torch.randint(len(rows), (1,), generator=draws))]
             input_ids, attention_mask = self.input_ids[row], self.attention_mask[row]  # [T]
             is_weak = bool(self.is_weak[row])
         return {'image': image, 'target': target, 'input_ids': input_ids.clone(),
@@ -152,11 +168,13 @@ class ReferDataset(Dataset):
 
 def build_dataset(args, split, tokenizer, eval_mode, refer=None, uint8_items=False):
     """ReferDataset from the shared command-line args; pass `refer` to reuse one REFER index.
-    Its data are checked up front on min(--workers, CPUs per local process) processes."""
+    Its data are checked up front on min(--workers, CPUs per local process) processes (--workers auto: all)."""
     if refer is None:
         refer = REFER(args.refer_data_root, args.dataset, args.splitBy)
     local_procs = max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1') or 1))
-    check_workers = min(getattr(args, 'workers', 0), max(1, available_cpus() // local_procs))
+    cpus = max(1, available_cpus() // local_procs)
+    workers = getattr(args, 'workers', 0)
+    check_workers = cpus if workers == 'auto' else min(workers, cpus)
     return ReferDataset(refer, split, tokenizer, args.img_size, eval_mode=eval_mode,
                         random_boxes=getattr(args, 'random_boxes', True) and not eval_mode,
                          seed=getattr(args, 'seed', 0), check_workers=check_workers, uint8_items=uint8_items)

@@ -95,10 +95,13 @@ def test_weak_flags_and_several_sentences(demo_root, tmp_path, tokenizer):
     item = val[0]
     assert item['input_ids'].shape == item['attention_mask'].shape == (2, 20)
     assert item['is_weak'].tolist() == [False, True]
-    # train mode picks one of the sentences at random
+    # train mode picks one of the sentences at random: a fresh draw each epoch, the same within one
     val_train = ReferDataset(refer, 'val', tokenizer, S)
-    torch.manual_seed(0)
-    picked = {tuple(val_train[0]['input_ids'].tolist()) for _ in range(20)}
+    picked = set()
+    for epoch in range(20):
+        val_train.set_epoch(epoch)
+        picked.add(tuple(val_train[0]['input_ids'].tolist()))
+        assert torch.equal(val_train[0]['input_ids'], val_train[0]['input_ids'])
     assert picked == {tuple(row) for row in item['input_ids'].tolist()}
 
 
@@ -174,3 +177,40 @@ def test_build_dataset_from_args(demo_root, small_bert_dir, tokenizer):
     val = build_dataset(args, 'val', tokenizer, eval_mode=True, refer=train.refer)
     assert not train.boxed_ref_ids and val.refer is train.refer
     assert train[0]['image'].shape == (3, S, S) and val[0]['input_ids'].dim() == 2
+
+
+def test_draws_depend_on_seed_epoch_and_index_only(refer, tokenizer):
+    """Not on the global RNG of the process or worker that makes the item."""
+    ds = ReferDataset(refer, 'train', tokenizer, S, seed=1)
+    boxed = next(i for i, r in enumerate(ds.ref_ids) if r in ds.boxed_ref_ids)
+    torch.manual_seed(0)
+    first = ds[boxed]
+    torch.manual_seed(123)
+    torch.rand(7)
+    again = ds[boxed]
+    assert torch.equal(first['image'], again['image']) and torch.equal(first['input_ids'], again['input_ids'])
+    ds.set_epoch(1)
+    assert not torch.equal(ds[boxed]['image'], first['image'])  # new box positions in a new epoch
+    other_seed = ReferDataset(refer, 'train', tokenizer, S, seed=2)
+    other_seed.boxed_ref_ids = ds.boxed_ref_ids
+    assert not torch.equal(other_seed[boxed]['image'], first['image'])
+
+
+def test_loader_batches_do_not_depend_on_the_worker_count(refer, tokenizer):
+    """The same epoch's batches from the main process and from 1 and 2 worker processes, bit for bit."""
+    from lib.training.data import build_train_loader
+
+    def epoch_batches(workers, epoch):
+        ds = ReferDataset(refer, 'train', tokenizer, S, seed=4, uint8_items=True, check_images=False)
+        loader = build_train_loader(ds, 2, workers, seed=4)
+        loader.sampler.set_epoch(epoch)
+        ds.set_epoch(epoch)
+        torch.manual_seed(workers)  # a different global state (and worker base seed) for each
+        return list(loader)
+    for epoch in (0, 1):
+        runs = [epoch_batches(w, epoch) for w in (0, 1, 2)]
+        assert len({len(r) for r in runs}) == 1 and len(runs[0]) > 1
+        for batches in zip(*runs):
+            for b in batches[1:]:
+                for key in ('image', 'target', 'input_ids', 'attention_mask', 'ref_id', 'is_weak'):
+                    assert torch.equal(b[key], batches[0][key]), (epoch, key)

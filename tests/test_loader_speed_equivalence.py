@@ -44,10 +44,10 @@ def old_add_random_boxes(image, min_num=20, max_num=60, size=32, generator=None)
     return Image.fromarray(pixels)
 
 
-def old_item_tensors(refer, ref, img_size, boxed):
+def old_item_tensors(refer, ref, img_size, boxed, generator=None):
     image = open_rgb(refer.image_path(ref))
     if boxed:
-        image = old_add_random_boxes(image, size=occlusion_box_size(*image.size))
+        image = old_add_random_boxes(image, size=occlusion_box_size(*image.size), generator=generator)
     target = Image.fromarray(refer.getMask(ref)['mask'])
     return old_transform((img_size, img_size))(image, target)
 
@@ -195,10 +195,9 @@ def test_dataset_items_are_identical(refer_800, img_size):
         boxed = set(ds.ref_ids[::2]) if split == 'train' else set()
         ds.boxed_ref_ids = frozenset(boxed)  # half the refs boxed, half not
         for index, ref_id in enumerate(ds.ref_ids):
-            torch.manual_seed(index)
             item = ds[index]
-            torch.manual_seed(index)
-            ref_image, ref_target = old_item_tensors(refer_800, refer_800.Refs[ref_id], img_size, ref_id in boxed)
+            ref_image, ref_target = old_item_tensors(refer_800, refer_800.Refs[ref_id], img_size, ref_id in boxed,
+                                                     ds.item_generator(index))  # the item's own draws
             assert torch.equal(item['image'], ref_image), (split, ref_id)
             assert torch.equal(item['target'], ref_target), (split, ref_id)
 

@@ -169,6 +169,8 @@ def fit(*, train_step, predict, train_loader, val_loader, optimizer, lr_schedule
     for epoch in range(start_epoch, epochs):
         if hasattr(train_loader.sampler, 'set_epoch'):
             train_loader.sampler.set_epoch(epoch)
+        if hasattr(train_loader.dataset, 'set_epoch'):  # the items' draws (refer.dataset)
+            train_loader.dataset.set_epoch(epoch)
         if on_epoch_start is not None:
             on_epoch_start(epoch)
         if set_modes is not None:

@@ -57,8 +57,10 @@ def start_run(args, env, batch_size):
     if args.amp and env.device.type != 'cuda':
         logger.info('--amp is for GPUs; running in float32 on CPU')
     distributed.seed_everything(args.seed, env.rank)
+    workers = distributed.per_process_workers(args.workers, env.world_size)
     logger.info(f'{env.world_size} process(es) on {env.device}; batch {batch_size} per process; '
-                f'image size {args.img_size}')
+                f'image size {args.img_size}; {workers} loader worker(s) per process'
+                + (' (--workers auto)' if args.workers == 'auto' else ''))
 
 
 def end_epoch(args, start_epoch):
