@@ -165,17 +165,18 @@ def stage_breakdown(ds, tokenizer, repeats, n_images, batch, log=print):
     paths = [refer.image_path(ref) for ref in refs]
     n_boxed = sum(ref['ref_id'] in ds.boxed_ref_ids for ref in refs)
 
-    def pick_tokens(index):  # the per-item token work of ReferDataset.__getitem__ (train mode)
+    def pick_tokens(index, draws):  # the per-item token work of ReferDataset.__getitem__ (train mode)
         rows = ds.sentence_rows(index)
-        row = rows[int(torch.randint(len(rows), (1,)))]
+        row = rows[int(torch.randint(len(rows), (1,), generator=draws))]
         return ds.input_ids[row].clone(), ds.attention_mask[row].clone()
 
     def reference_item(index, t):  # ReferDataset.__getitem__ as it was: numpy boxes, PIL mask, 3-step transform
+        draws = ds.item_generator(index)  # the item's draws: boxes, then its sentence
         ref = refer.Refs[ds.ref_ids[index]]
         image = ds.load_image(ref)
         t.lap(STAGES[0])
         if ref['ref_id'] in ds.boxed_ref_ids:
-            image = numpy_boxes(image, occlusion_box_size(*image.size))
+            image = numpy_boxes(image, occlusion_box_size(*image.size), draws)
         t.lap(STAGES[1])
         mask = refer.getMask(ref)['mask']
         t.lap(STAGES[2])
@@ -186,16 +187,17 @@ def stage_breakdown(ds, tokenizer, repeats, n_images, batch, log=print):
         target = F.resize(Image.fromarray(mask), size, interpolation=InterpolationMode.NEAREST)
         target = torch.as_tensor(np.array(target), dtype=torch.int64)
         t.lap(STAGES[5])
-        tokens = pick_tokens(index)
+        tokens = pick_tokens(index, draws)
         t.lap(STAGES[6])
         return image, target, tokens
 
     def current_item(index, t):  # ReferDataset.__getitem__ now, stage by stage
+        draws = ds.item_generator(index)  # the item's draws: boxes, then its sentence
         ref = refer.Refs[ds.ref_ids[index]]
         image = ds.load_image(ref)
         t.lap(STAGES[0])
         if ref['ref_id'] in ds.boxed_ref_ids:
-            image = add_random_boxes(image, size=occlusion_box_size(*image.size), inplace=True)
+            image = add_random_boxes(image, size=occlusion_box_size(*image.size), generator=draws, inplace=True)
         t.lap(STAGES[1])
         mask = refer.getMask(ref)['mask']
         t.lap(STAGES[2])
@@ -205,17 +207,16 @@ def stage_breakdown(ds, tokenizer, repeats, n_images, batch, log=print):
         t.lap(STAGES[4])
         target = resize_mask_nearest(mask, *size)
         t.lap(STAGES[5])
-        tokens = pick_tokens(index)
+        tokens = pick_tokens(index, draws)
         t.lap(STAGES[6])
         return image, target, tokens
 
     for index in indices[:4]:  # the stage-by-stage copies compute what the dataset computes
-        torch.manual_seed(index)
         item = ds[index]
         for fn in (reference_item, current_item):
-            torch.manual_seed(index)
-            image, target, _ = fn(index, Laps())
+            image, target, (input_ids, _) = fn(index, Laps())
             assert torch.equal(image, item['image']) and torch.equal(target, item['target']), fn.__name__
+            assert torch.equal(input_ids, item['input_ids']), fn.__name__
 
     best = {'reference': None, 'current': None, 'dataset[i]': float('inf')}
     gc.collect()
