@@ -210,6 +210,7 @@ def test_cuda_graphs_optimizer_learning_rates_are_device_tensors_filled_by_the_s
     assert scheduler.state_dict()['base_lrs'] == plain_scheduler.state_dict()['base_lrs'] == [1e-2] * 4
 
 
+@pytest.mark.filterwarnings('ignore:Detected call of .lr_scheduler.step')  # no step: only the lrs
 def test_cuda_graphs_checkpoints_keep_float_rates_and_load_either_way():
     optimizer = graphs_optimizer(cuda_graphs=True)
     build_poly_scheduler(optimizer, 10).step()
