@@ -59,7 +59,7 @@ def main(argv=None):
 
     refs = load_refs(args.refs)
     categories = load_categories(args.categories)
-    print(f'{len(refs)} refs; {check.available_cpus()} CPUs available')
+    print(f'{len(refs)} refs; {check.cpus_per_local_process()} CPUs available')
     with tempfile.TemporaryDirectory() as tmp:
         roots = {}
         polygons = synthesize_instances(refs, categories)

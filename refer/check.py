@@ -305,18 +305,17 @@ def _quiet_worker():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to report
 
 
-def available_cpus():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+def cpus_per_local_process():
+    """This process's share of its CPUs: affinity mask / LOCAL_WORLD_SIZE (torchrun's, the SLURM jobs'), >= 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(1, cpus // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1') or 1)))
 
 
 def _run(tasks, workers, desc):
     """Problems of all tasks, in task order; a process pool when it pays off."""
     from tqdm import tqdm
     chunks = [tasks[i:i + CHUNK] for i in range(0, len(tasks), CHUNK)]
-    procs = min(int(workers), available_cpus(), len(chunks))
+    procs = min(int(workers), cpus_per_local_process(), len(chunks))
     problems = []
     # a bar only on a terminal (disable=None), so logs and tests stay clean
     with tqdm(total=len(tasks), desc=desc, unit=' refs', leave=False, disable=None, dynamic_ncols=True) as bar:

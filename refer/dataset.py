@@ -25,7 +25,6 @@ A train item's draws (its sentence, its boxes) come from a generator seeded by (
 makes it: the same run draws the same data with any --workers and any number of processes, and a resumed
 run draws what the uninterrupted one did.
 """
-import os
 import random
 
 import numpy as np
@@ -35,7 +34,7 @@ from torch.utils.data import Dataset
 
 from utils import InputError
 
-from .check import available_cpus, check_split_data
+from .check import check_split_data, cpus_per_local_process
 from .images import open_rgb
 from .refer import REFER, category_id_of
 from .transforms import add_random_boxes, build_transform
@@ -171,8 +170,7 @@ def build_dataset(args, split, tokenizer, eval_mode, refer=None, uint8_items=Fal
     Its data are checked up front on min(--workers, CPUs per local process) processes (--workers auto: all)."""
     if refer is None:
         refer = REFER(args.refer_data_root, args.dataset, args.splitBy)
-    local_procs = max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1') or 1))
-    cpus = max(1, available_cpus() // local_procs)
+    cpus = cpus_per_local_process()
     workers = getattr(args, 'workers', 0)
     check_workers = cpus if workers == 'auto' else min(workers, cpus)
     return ReferDataset(refer, split, tokenizer, args.img_size, eval_mode=eval_mode,

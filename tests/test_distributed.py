@@ -1,5 +1,6 @@
 """lib/training/distributed.py and wrap.py: per-process batch sizes and device errors, the sharded
 evaluation sampler, and the unused-parameter probe DDP needs."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,9 +52,8 @@ def test_find_unused_parameters_and_modes_restored():
 def test_workers_split_as_the_reference_or_auto_from_the_cpus(monkeypatch):
     assert [distributed.per_process_workers(8, n) for n in (1, 3, 4)] == [8, 3, 2]  # ceil(8 / n), as the reference
     assert distributed.per_process_workers(0, 4) == 0
-    import refer.check
     for cpus, local, want in ((64, 1, 8), (64, 4, 8), (32, 4, 7), (16, 8, 1), (2, 1, 1), (1, 1, 1)):
-        monkeypatch.setattr(refer.check, 'available_cpus', lambda: cpus)  # more CPUs than this machine has
+        monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cpus)))  # more CPUs than this machine has
         monkeypatch.setenv('LOCAL_WORLD_SIZE', str(local))
         assert distributed.per_process_workers('auto', local) == want, (cpus, local)
 
@@ -61,7 +61,7 @@ def test_workers_split_as_the_reference_or_auto_from_the_cpus(monkeypatch):
 def test_auto_workers_follow_the_process_affinity():
     """A real process restricted to one CPU (as a SLURM cpuset would) counts 1 CPU and gets 1 worker."""
     code = ('import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); '
-            'from lib.training.distributed import cpus_per_local_process, per_process_workers; '
+            'from refer.check import cpus_per_local_process; from lib.training.distributed import per_process_workers; '
             'print(cpus_per_local_process(), per_process_workers("auto", 1))')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])

@@ -121,16 +121,9 @@ def per_process_workers(workers, world_size):
     this process may use (its affinity, shared with the other processes of its node) minus one for the
     process itself, at least 1 and at most AUTO_MAX_WORKERS."""
     if workers == 'auto':
+        from refer.check import cpus_per_local_process
         return max(1, min(AUTO_MAX_WORKERS, cpus_per_local_process() - 1))
     return max(0, (workers + world_size - 1) // world_size)
-
-
-def cpus_per_local_process():
-    """CPUs of this process's affinity mask divided among the node's processes (torchrun's LOCAL_WORLD_SIZE;
-    under srun each task has its own mask and LOCAL_WORLD_SIZE is unset)."""
-    from refer.check import available_cpus
-    local = max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1') or 1))
-    return max(1, available_cpus() // local)
 
 
 def setup_logging(rank):
