@@ -101,6 +101,8 @@ class ResizeToTensorNormalize:
 
     def __init__(self, h, w, mean=IMAGENET_MEAN, std=IMAGENET_STD, uint8=False):
         self.size = (h, w)
+        if uint8 and (tuple(mean), tuple(std)) != (IMAGENET_MEAN, IMAGENET_STD):
+            raise ValueError('uint8 items are normalized by finish_batch with ImageNet mean and std only')
         self.uint8 = uint8
         self.mean_std = list(mean), list(std)
         self.mean = torch.as_tensor(list(mean), dtype=torch.float32).view(-1, 1, 1)  # as F.normalize builds them

@@ -249,6 +249,13 @@ def test_uint8_train_loader_gives_the_float_loaders_batches(refer_800):
         assert torch.equal(f['input_ids'], u['input_ids']) and f['ref_id'].tolist() == u['ref_id'].tolist()
 
 
+def test_uint8_items_refuse_another_normalization():
+    """finish_batch normalizes with ImageNet's mean and std: a uint8 transform with others would be wrong."""
+    with pytest.raises(ValueError, match='ImageNet mean and std only'):
+        ResizeToTensorNormalize(32, 32, mean=(0.5, 0.5, 0.5), uint8=True)
+    ResizeToTensorNormalize(32, 32, mean=(0.5, 0.5, 0.5))  # the float path normalizes itself
+
+
 def test_finish_batch_leaves_float_batches_alone():
     image, target = torch.randn(2, 3, 4, 4), torch.ones(2, 4, 4, dtype=torch.int64)
     batch = finish_batch({'image': image, 'target': target, 'ref_id': [1, 2]})
